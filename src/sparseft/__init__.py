@@ -1,0 +1,18 @@
+"""sparseft: sparse fine-tuning of transformer language models."""
+__version__ = "0.1.0"
+
+from .config import ConfigError, SparseConfig
+from .delta import SparseDeltaLayer
+from .model import AdapterError, SparseModel, get_sparse_model
+from .optim import SparseAdamW
+
+__all__ = [
+    "AdapterError",
+    "ConfigError",
+    "SparseAdamW",
+    "SparseConfig",
+    "SparseDeltaLayer",
+    "SparseModel",
+    "get_sparse_model",
+    "__version__",
+]

@@ -1,0 +1,18 @@
+"""Training-time policies. A method chooses index sets; the core does the surgery.
+
+Each method implements ``init(model, calibration_data)`` (the first index sets) and
+``on_step(step, model, optimizer, batch)`` (called after every optimizer step; may
+change index sets through ``SparseModel.set_index_sets``). No method owns a loop.
+"""
+from __future__ import annotations
+
+from ..config import SparseConfig
+from .base import Method
+from .static import StaticMask
+
+
+def get_method(config: SparseConfig) -> Method:
+    return StaticMask(config)
+
+
+__all__ = ["Method", "StaticMask", "get_method"]

@@ -1,0 +1,109 @@
+"""Budgets and top-k rules: how many entries, and which, given per-layer scores.
+
+Scores arrive as one flat float tensor per targeted weight. No tensor larger than the
+largest weight is ever built: the global threshold is found by bisection over the
+scores' order-preserving integer keys, counting layer by layer.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .config import ConfigError, SparseConfig
+
+
+def lora_equivalent_params(shapes: Mapping[str, tuple[int, int]], rank: int) -> int:
+    """Trainable parameters of LoRA of ``rank`` on weights of these (out, in) shapes."""
+    return sum(rank * (out_f + in_f) for out_f, in_f in shapes.values())
+
+
+def resolve_budget(config: SparseConfig, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """Total number of sparse entries the config asks for over these targets."""
+    total = sum(o * i for o, i in shapes.values())
+    if config.density is not None:
+        budget = int(round(config.density * total))
+        budget = max(budget, 1)
+    elif config.num_params is not None:
+        budget = config.num_params
+    else:
+        budget = lora_equivalent_params(shapes, config.match_lora_rank)
+    if budget > total:
+        raise ConfigError(f"the budget of {budget:,} entries exceeds the {total:,} targeted weights")
+    return budget
+
+
+def allocate_per_layer(sizes: Mapping[str, int], budget: int) -> dict[str, int]:
+    """Split ``budget`` over layers in proportion to their sizes, summing exactly.
+
+    Largest-remainder rounding; ties go to the earlier layer, so it is deterministic.
+    """
+    total = sum(sizes.values())
+    if budget > total:
+        raise ConfigError(f"the budget of {budget:,} entries exceeds the {total:,} targeted weights")
+    names = list(sizes)
+    exact = [budget * sizes[n] / total for n in names]
+    shares = [int(e) for e in exact]
+    remainder = budget - sum(shares)
+    order = sorted(range(len(names)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order:
+        if remainder == 0:
+            break
+        if shares[i] < sizes[names[i]]:
+            shares[i] += 1
+            remainder -= 1
+    return dict(zip(names, shares))
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys with the same order as the float32 scores (NaN counts as lowest)."""
+    s = torch.nan_to_num(scores.detach().float().reshape(-1), nan=float("-inf"))
+    s = s + 0.0  # turns -0.0 into +0.0 so equal scores get equal keys
+    bits = s.view(torch.int32)
+    return torch.where(bits < 0, bits ^ torch.tensor(0x7FFFFFFF, dtype=torch.int32), bits)
+
+
+def _kth_largest_key(key_fn, names, k: int) -> int:
+    """Largest key t with at least k entries >= t, over all layers."""
+    lo, hi = -(2**31), 2**31 - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        count = sum(int((key_fn(n) >= mid).sum()) for n in names)
+        if count >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str = "global") -> dict[str, torch.Tensor]:
+    """Sorted int32 indices of the top-``budget`` entries.
+
+    ``global``: one top-k over all layers. ``per-layer``: each layer gets a share of the
+    budget proportional to its size. Ties are broken by layer order, then index order.
+    """
+    names = list(scores)
+    if selection == "per-layer":
+        shares = allocate_per_layer({n: scores[n].numel() for n in names}, budget)
+        return {n: select_topk({n: scores[n]}, shares[n], "global")[n] for n in names}
+    if selection != "global":
+        raise ConfigError(f"unknown selection {selection!r}")
+    total = sum(scores[n].numel() for n in names)
+    if budget > total:
+        raise ConfigError(f"the budget of {budget:,} entries exceeds the {total:,} candidates")
+    if budget <= 0:
+        return {n: torch.zeros(0, dtype=torch.int32, device=scores[n].device) for n in names}
+    keys = {n: _order_keys(scores[n]) for n in names}
+    threshold = _kth_largest_key(keys.__getitem__, names, budget)
+    above = {n: keys[n] > threshold for n in names}
+    ties_left = budget - sum(int(a.sum()) for a in above.values())
+    chosen = {}
+    for n in names:
+        mask = above[n]
+        if ties_left > 0:
+            tie_positions = torch.nonzero(keys[n] == threshold).flatten()[:ties_left]
+            mask = mask.clone()
+            mask[tie_positions] = True
+            ties_left -= tie_positions.numel()
+        chosen[n] = torch.nonzero(mask).flatten().to(torch.int32)
+    return chosen
