@@ -1,7 +1,9 @@
 """SparseModel: a base model whose targeted weights carry sparse deltas."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -63,6 +65,11 @@ class SparseModel(nn.Module):
         self.target_names = list(target_names)
         self.modules_to_save = list(modules_to_save)
         self.fingerprint = base_fingerprint(base_model, self.target_names)
+        # Show the base model's forward signature (transformers.Trainer inspects it to
+        # decide which dataset columns to keep).
+        forward = functools.partial(type(self).forward, self)
+        forward.__signature__ = inspect.signature(base_model.forward)
+        self.forward = forward
 
     # -- delegation ---------------------------------------------------------------
     def forward(self, *args, **kwargs):

@@ -1,0 +1,138 @@
+"""The ``sparseft`` command: train and evaluate sparse fine-tunes offline."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import KNOWN_METHODS, ConfigError, SparseConfig
+from .data import DataError
+from .model import AdapterError
+
+EPILOG = """examples:
+  sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
+  sparseft eval --adapter runs/x/adapter --task rt-sentiment
+"""
+
+
+def _add_data_options(p: argparse.ArgumentParser, task_default: str | None) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default=task_default, help="built-in task: rt-sentiment or bbc-topic (default: %(default)s)")
+    g.add_argument("--train-file", help="your own training data (CSV or JSONL); needs --eval-file")
+    g.add_argument("--eval-file", help="your own evaluation data (CSV or JSONL)")
+    g.add_argument("--text-column", default="text", help="column holding the text (default: %(default)s)")
+    g.add_argument("--label-column", default="label", help="column holding the label (default: %(default)s)")
+    g.add_argument("--max-train-examples", type=int, help="use a fixed, seeded subset of the training split")
+    g.add_argument("--max-eval-examples", type=int, help="cap the validation and test splits")
+    g.add_argument("--max-length", type=int, default=64, help="truncate inputs to this many tokens (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparseft", description="Sparse fine-tuning of transformer models: train a small subset of the model's own weights.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune sparsely and write metrics.json and the adapter",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--out", required=True, help="run folder: gets metrics.json and adapter/")
+    t.add_argument("--model", default="default",
+                   help="'default' (the embedded all-MiniLM-L6-v2) or a local Hugging Face model folder")
+    _add_data_options(t, "rt-sentiment")
+    m = t.add_argument_group("sparse method")
+    m.add_argument("--method", default="random", choices=KNOWN_METHODS, help="how entries are chosen")
+    budget = m.add_mutually_exclusive_group()
+    budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
+    budget.add_argument("--num-params", type=int, help="absolute number of trained entries")
+    budget.add_argument("--match-lora-rank", type=int, help="as many entries as LoRA of this rank on the same targets")
+    m.add_argument("--target-modules", default="all-linear",
+                   help="'all-linear', a regex on module names, or comma-separated name suffixes")
+    m.add_argument("--selection", default="global", choices=["global", "per-layer"], help="one top-k over all targets, or a share per layer")
+    m.add_argument("--magnitude-order", default="largest", choices=["largest", "smallest"], help="for --method magnitude")
+    m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, help="learning rate of the sparse values (default: per method, 5e-3 for random)")
+    o.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: 2e-3)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the sparse values")
+    o.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
+    o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps with linear warmup")
+    o.add_argument("--eval-every", type=int, default=0, help="evaluate on the validation split every N steps (0: at the end)")
+    o.add_argument("--seed", type=int, default=0, help="seeds the mask, the data order and the head")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="re-score a saved adapter", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--adapter", required=True, help="an adapter folder written by 'sparseft train'")
+    e.add_argument("--model", help="base model folder (default: the one recorded in the adapter)")
+    e.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
+    _add_data_options(e, None)
+    e.add_argument("--seed", type=int, help="data split seed (default: the one recorded in the adapter)")
+    return parser
+
+
+def _task_options(ns: argparse.Namespace):
+    from .runner import TaskOptions
+
+    return TaskOptions(
+        task=ns.task or "rt-sentiment", train_file=ns.train_file, eval_file=ns.eval_file,
+        text_column=ns.text_column, label_column=ns.label_column,
+        max_train_examples=ns.max_train_examples, max_eval_examples=ns.max_eval_examples,
+        max_length=ns.max_length, batch_size=ns.batch_size,
+    )
+
+
+def _targets(value: str):
+    if value == "all-linear" or "," not in value and any(c in value for c in "^$*+?[](){}|\\"):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .runner import DEFAULT_HEAD_LR, RunSpec, default_lr, run_training
+    from .train import TrainingArguments
+
+    sparse = SparseConfig(
+        method=ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
+        target_modules=_targets(ns.target_modules), selection=ns.selection,
+        magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
+    )
+    training = TrainingArguments(
+        lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,
+        epochs=ns.epochs, max_steps=ns.max_steps, grad_accum=ns.grad_accum, warmup_ratio=ns.warmup_ratio,
+        eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress,
+    )
+    metrics = run_training(RunSpec(out=ns.out, model=ns.model, data=_task_options(ns), sparse=sparse, training=training))
+    print(f"{metrics['task']}: test {metrics['metric']} {metrics['score']:.4f} "
+          f"(majority {metrics['majority_rate']:.4f}, validation {metrics['validation_score']:.4f}) | "
+          f"{metrics['trainable_params']:,} sparse + {metrics['head_params']:,} head params | "
+          f"{metrics['steps']} steps, {metrics['step_time_s'] * 1000:.0f} ms/step | wrote {ns.out}/metrics.json")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .runner import evaluate_adapter
+
+    explicit = ns.task or ns.train_file or ns.eval_file
+    result = evaluate_adapter(ns.adapter, _task_options(ns) if explicit else None, model=ns.model, force=ns.force, seed=ns.seed)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval}
+    try:
+        return handlers[ns.command](ns)
+    except (ConfigError, AdapterError, DataError, ValueError, FileNotFoundError) as err:
+        print(f"sparseft {ns.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparseft {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

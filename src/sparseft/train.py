@@ -1,0 +1,202 @@
+"""Training: one plain loop and a transformers ``Trainer`` callback sharing its logic.
+
+What both share lives in ``SparseController``: after every optimizer step it hands
+control to the method (which may change index sets and reset optimizer entries).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .optim import SparseAdamW
+
+
+@dataclass
+class TrainingArguments:
+    lr: float = 1e-3
+    head_lr: float | None = None  # task heads and biases; defaults to ``lr``
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides ``epochs``
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0  # optimizer steps; 0 = only at the end
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ValueError("learning rates must be positive")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        if self.epochs <= 0:
+            raise ValueError("epochs must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def median_step_time(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else float("nan")
+
+
+def create_optimizer(model: Any, lr: float, weight_decay: float = 0.0, head_lr: float | None = None) -> SparseAdamW:
+    """AdamW over the sparse values (with weight decay) and the dense head (without)."""
+    groups = [{"params": model.sparse_parameters(), "lr": lr, "weight_decay": weight_decay}]
+    dense = model.dense_trainable_parameters()
+    if dense:
+        groups.append({"params": dense, "lr": head_lr if head_lr is not None else lr, "weight_decay": 0.0})
+    return SparseAdamW(groups, lr=lr)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the set rate, then linear decay to zero at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class SparseController:
+    """The per-step logic shared by ``train`` and ``SparseCallback``."""
+
+    def __init__(self, model: Any, optimizer: Any = None):
+        self.model = model
+        self.optimizer = optimizer
+
+    def after_optimizer_step(self, step: int, batch: Any = None, optimizer: Any = None) -> None:
+        method = getattr(self.model, "method", None)
+        if method is not None:
+            method.on_step(step, self.model, optimizer or self.optimizer, batch)
+
+
+def _count_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if ids is not None else 0
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(
+    model: Any,
+    train_loader: Iterable[dict],
+    args: TrainingArguments,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Train ``model`` (a SparseModel, or any model whose batches return ``.loss``).
+
+    ``eval_fn`` is called every ``args.eval_every`` optimizer steps (not after the last:
+    the caller evaluates the final model) and its metrics are kept in ``TrainResult.history``.
+    """
+    torch.manual_seed(args.seed)
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    total = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
+    if optimizer is None:
+        optimizer = create_optimizer(model, args.lr, args.weight_decay, args.head_lr)
+    scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total), total)
+    controller = SparseController(model, optimizer)
+    device = next(model.parameters()).device
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    result = TrainResult()
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    micro, step_loss, step_start, eval_seconds = 0, 0.0, time.perf_counter(), 0.0
+    while result.steps < total:
+        for batch in train_loader:
+            batch = _to_device(batch, device)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {result.steps + 1}")
+            (loss / args.grad_accum).backward()
+            step_loss += loss.item() / args.grad_accum
+            result.tokens += _count_tokens(batch)
+            micro += 1
+            if micro % args.grad_accum:
+                continue
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps += 1
+            controller.after_optimizer_step(result.steps, batch)
+            now = time.perf_counter()
+            result.step_times.append(now - step_start)
+            result.losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            step_loss, step_start = 0.0, now
+            if eval_fn is not None and args.eval_every and result.steps % args.eval_every == 0 and result.steps < total:
+                eval_start = time.perf_counter()
+                result.history.append({"step": result.steps, **eval_fn()})
+                model.train()
+                step_start = time.perf_counter()
+                eval_seconds += step_start - eval_start
+            if result.steps >= total:
+                break
+        if micro == 0:
+            raise ValueError("the training data is empty")
+    bar.close()
+    result.train_seconds = time.perf_counter() - started - eval_seconds
+    model.eval()
+    return result
+
+
+try:  # the callback needs transformers, which is a dependency, but keep import errors readable
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object  # type: ignore[misc,assignment]
+
+
+class SparseCallback(TrainerCallback):
+    """Lets a ``transformers.Trainer`` drive a SparseModel's method.
+
+    Pass ``optimizers=(sparseft.create_optimizer(model, lr), None)`` to the Trainer so
+    methods that move entries get per-entry optimizer state; static methods also work
+    with the Trainer's own AdamW.
+    """
+
+    def __init__(self, model: Any):
+        self.controller = SparseController(model)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.controller.after_optimizer_step(state.global_step, optimizer=optimizer)
+        return control

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny randomly initialised models built from configs (no downloads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+VOCAB = 100
+HIDDEN = 32
+LAYERS = 2
+
+
+def build_bert(hidden: int = HIDDEN, seed: int = 0, num_labels: int = 3):
+    """A tiny BertForSequenceClassification, seeded, in eval mode (no dropout)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(cfg)
+    return model.eval()
+
+
+def build_gpt2(hidden: int = HIDDEN, seed: int = 0):
+    """A tiny GPT2LMHeadModel (Conv1D layers, tied lm_head), seeded, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=hidden,
+        n_layer=LAYERS,
+        n_head=2,
+        n_positions=64,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg)
+    return model.eval()
+
+
+def make_batch(batch: int = 2, seq: int = 7, seed: int = 123):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, -2:] = 0  # some padding, so masking paths run too
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture
+def bert_factory():
+    """Call it to get a fresh tiny BERT; equal seeds give equal weights."""
+    return build_bert
+
+
+@pytest.fixture
+def gpt2_factory():
+    """Call it to get a fresh tiny GPT-2; equal seeds give equal weights."""
+    return build_gpt2
+
+
+@pytest.fixture
+def tiny_bert():
+    return build_bert()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return build_gpt2()
+
+
+@pytest.fixture
+def batch():
+    return make_batch()
+
+
+@pytest.fixture(params=["bert", "gpt2"])
+def tiny_model_and_name(request):
+    model = build_bert() if request.param == "bert" else build_gpt2()
+    return model, request.param

@@ -1,0 +1,238 @@
+"""SparseDeltaLayer / SparseDeltaFunction against a dense reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+from sparseft import delta as delta_mod
+from sparseft.delta import IndexLayout, SparseDeltaLayer, sddmm, validate_indices
+
+SHAPES = [(8, 5), (5, 12), (1, 16), (16, 1), (7, 7)]  # (out, in): out>in, in>out, 1xN, Nx1, square
+BACKENDS = ["sampled_addmm", "gather", "auto"]
+
+
+def random_indices(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(numel, generator=gen)[:k].sort().values.to(torch.int32)
+
+
+def make_base(kind: str, out_f: int, in_f: int, bias: bool, gen: torch.Generator, dtype=torch.float32) -> nn.Module:
+    if kind == "linear":
+        layer = nn.Linear(in_f, out_f, bias=bias)
+    else:
+        layer = Conv1D(out_f, in_f)  # weight is (in, out)
+        if not bias:
+            layer.bias = None
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen))
+    return layer.to(dtype)
+
+
+def dense_reference(kind, weight, bias, idx, values, x):
+    """y computed from a plain dense weight W (requires grad) plus the scattered values."""
+    w = weight.detach().clone().float().requires_grad_(True)
+    s = torch.zeros_like(w)
+    s.view(-1)[idx.long()] = values.detach().float()
+    b = None if bias is None else bias.detach().clone().float().requires_grad_(True)
+    xr = x.detach().clone().float().requires_grad_(True)
+    w_eff = w + s
+    if kind == "linear":
+        y = F.linear(xr, w_eff, b)
+    else:
+        y = xr.matmul(w_eff)
+        if b is not None:
+            y = y + b
+    return y, w, b, xr
+
+
+def assert_close(actual, expected, dtype, what):
+    actual = actual.float()
+    expected = expected.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+    else:
+        scale = expected.abs().max().clamp_min(1e-3)
+        err = (actual - expected).abs().max()
+        assert err <= 4e-2 * scale, f"{what}: max error {err} vs scale {scale} (bf16)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_values_grad_equals_dense_grad_at_indices(shape, bias, kind, backend, dtype):
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(SHAPES.index(shape) * 4 + 2 * bias + (kind == "linear"))
+    base = make_base(kind, out_f, in_f, bias, gen, dtype)
+    numel = out_f * in_f
+    k = max(1, numel // 2)
+    idx = random_indices(numel, k, gen)
+    layer = SparseDeltaLayer(base, idx, backend=backend)
+    assert layer.values.dtype == dtype and layer.indices.dtype == torch.int32
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(k, generator=gen).to(dtype))
+    if bias:
+        layer.bias.requires_grad_(True)
+
+    for x_shape in [(6, in_f), (2, 3, in_f)]:
+        x = torch.randn(x_shape, generator=gen).to(dtype).requires_grad_(True)
+        r = torch.randn(x_shape[:-1] + (out_f,), generator=gen).to(dtype)
+        layer.values.grad = None
+        if bias:
+            layer.bias.grad = None
+
+        y = layer(x)
+        assert y.shape == x_shape[:-1] + (out_f,) and y.dtype == dtype
+        (y * r).pow(2).sum().backward()
+
+        y_ref, w_ref, b_ref, x_ref = dense_reference(kind, layer.weight, layer.bias, idx, layer.values, x)
+        (y_ref * r.float()).pow(2).sum().backward()
+
+        assert_close(y, y_ref, dtype, "output")
+        assert layer.values.grad is not None and layer.values.grad.dtype == dtype
+        assert_close(layer.values.grad, w_ref.grad.reshape(-1)[idx.long()], dtype, "grad values")
+        assert_close(x.grad, x_ref.grad, dtype, "grad x")
+        if bias:
+            assert_close(layer.bias.grad, b_ref.grad, dtype, "grad bias")
+        # the frozen weight never gets a gradient
+        assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["sampled_addmm", "gather"])
+def test_sddmm_matches_dense_product(backend, monkeypatch):
+    # a tiny chunk size makes the gather path loop over many chunks
+    monkeypatch.setattr(delta_mod, "GATHER_CHUNK_ELEMENTS", 7)
+    gen = torch.Generator().manual_seed(1)
+    rows, cols, tokens = 9, 6, 5
+    a = torch.randn(tokens, rows, generator=gen)
+    b = torch.randn(tokens, cols, generator=gen)
+    idx = random_indices(rows * cols, 20, gen)
+    got = sddmm(a, b, IndexLayout(idx, torch.Size((rows, cols))), backend)
+    ref = (a.t() @ b).reshape(-1)[idx.long()]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sddmm_auto_uses_both_paths(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)
+    idx = random_indices(15, 6, gen)
+    layout = IndexLayout(idx, torch.Size((5, 3)))
+    ref = (a.t() @ b).reshape(-1)[idx.long()]
+    for limit in (0, 1 << 30):  # 0 forces sampled_addmm, huge forces gather
+        monkeypatch.setattr(delta_mod, "GATHER_AUTO_LIMIT", limit)
+        torch.testing.assert_close(sddmm(a, b, layout, "auto"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sddmm_unknown_backend():
+    layout = IndexLayout(torch.tensor([0, 1], dtype=torch.int32), torch.Size((2, 2)))
+    with pytest.raises(ValueError, match="unknown SDDMM backend"):
+        sddmm(torch.randn(3, 2), torch.randn(3, 2), layout, "nope")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_zero_values_and_empty_index_leave_output_identical(kind):
+    gen = torch.Generator().manual_seed(3)
+    base = make_base(kind, 6, 4, True, gen)
+    x = torch.randn(2, 3, 4, generator=gen)
+    expected = base(x)
+    layer = SparseDeltaLayer(base)  # empty index
+    assert layer.num_entries == 0
+    assert torch.equal(layer(x), expected)
+    layer.set_indices(random_indices(24, 10, gen))
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_grad_observer_receives_dense_weight_grad(kind):
+    gen = torch.Generator().manual_seed(4)
+    base = make_base(kind, 5, 3, True, gen)
+    idx = random_indices(15, 4, gen)
+    layer = SparseDeltaLayer(base, idx)
+    seen = []
+    layer.grad_observer = seen.append
+    x = torch.randn(4, 3, generator=gen)
+    layer(x).pow(2).sum().backward()
+    y_ref, w_ref, _, _ = dense_reference(kind, layer.weight, layer.bias, idx, layer.values, x)
+    y_ref.pow(2).sum().backward()
+    assert len(seen) == 1
+    assert seen[0].shape == layer.weight.shape
+    torch.testing.assert_close(seen[0], w_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_layer_merge_unmerge_bit_exact(kind):
+    gen = torch.Generator().manual_seed(5)
+    base = make_base(kind, 6, 5, True, gen)
+    original = base.weight.detach().clone()
+    idx = random_indices(30, 12, gen)
+    layer = SparseDeltaLayer(base, idx)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(12, generator=gen) * 1e-3)
+    x = torch.randn(3, 5, generator=gen)
+    sparse_out = layer(x).detach()
+    expected_weight = original + layer.delta_weight()
+    layer.merge()
+    assert layer.merged
+    assert torch.equal(layer.weight, expected_weight)
+    torch.testing.assert_close(layer(x), sparse_out, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.set_indices(idx)
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.equal(layer.weight, original)
+
+
+def test_delta_weight_layout_matches_weight():
+    gen = torch.Generator().manual_seed(6)
+    for kind in ("linear", "conv1d"):
+        base = make_base(kind, 4, 3, False, gen)
+        idx = torch.tensor([0, 5, 11], dtype=torch.int32)
+        layer = SparseDeltaLayer(base, idx)
+        with torch.no_grad():
+            layer.values.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        d = layer.delta_weight()
+        assert d.shape == layer.weight.shape
+        assert d.reshape(-1)[[0, 5, 11]].tolist() == [1.0, 2.0, 3.0]
+        assert int((d != 0).sum()) == 3
+
+
+def test_set_indices_keeps_parameter_object():
+    gen = torch.Generator().manual_seed(7)
+    layer = SparseDeltaLayer(make_base("linear", 4, 4, False, gen))
+    param = layer.values
+    layer.set_indices(torch.tensor([1, 3, 9], dtype=torch.int32), torch.tensor([0.5, -1.0, 2.0]))
+    assert layer.values is param
+    assert layer.values.tolist() == [0.5, -1.0, 2.0]
+    assert layer.indices.tolist() == [1, 3, 9]
+    with pytest.raises(ValueError, match="values has 2 entries for 3 indices"):
+        layer.set_indices(torch.tensor([1, 3, 9], dtype=torch.int32), torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "indices, message",
+    [
+        (torch.tensor([0, 2, 1], dtype=torch.int32), "sorted and unique"),
+        (torch.tensor([0, 1, 1], dtype=torch.int32), "sorted and unique"),
+        (torch.tensor([0, 12], dtype=torch.int32), "must lie in"),
+        (torch.tensor([-1, 3], dtype=torch.int32), "must lie in|outside the int32 range"),
+        (torch.tensor([[0, 1]], dtype=torch.int32), "1-D"),
+        (torch.tensor([0.0, 1.0]), "must be integers"),
+        (torch.tensor([0, 2**31], dtype=torch.int64), "int32 range"),
+    ],
+    ids=["unsorted", "duplicate", "too-large", "negative", "2d", "float", "int64-overflow"],
+)
+def test_validate_indices_rejects(indices, message):
+    with pytest.raises(ValueError, match=message):
+        validate_indices(indices, 12)
+
+
+def test_validate_indices_accepts_int64_and_returns_int32():
+    out = validate_indices(torch.tensor([0, 4, 11]), 12)
+    assert out.dtype == torch.int32 and out.tolist() == [0, 4, 11]
+    with pytest.raises(TypeError):
+        validate_indices([0, 1], 12)
