@@ -155,14 +155,15 @@ def bench_case(in_f, out_f, density, tokens, reps, warmup, gen) -> dict:
 def table(rows) -> str:
     names = ["floor", *[f"sparse-{b}" for b in BACKENDS], "full", "lora", "clone"]
     head = ["shape", "density", "entries", "LoRA r", *[f"{n} ms" for n in names],
-            "sparse/floor", "sparse/LoRA", "sparse/full", "clone/floor"]
+            "sparse/floor", "sparse/LoRA", "sparse/full", "clone/floor", "floor max/min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         m = row["median_ms"]
         s = m["sparse-auto"]
         cells = [f"{row['in']}->{row['out']}", f"{100 * row['density']:g}%", str(row["entries"]), str(row["lora_rank"]),
                  *[f"{m[n]:.2f}" for n in names],
-                 f"{s / m['floor']:.2f}", f"{s / m['lora']:.2f}", f"{s / m['full']:.2f}", f"{m['clone'] / m['floor']:.2f}"]
+                 f"{s / m['floor']:.2f}", f"{s / m['lora']:.2f}", f"{s / m['full']:.2f}", f"{m['clone'] / m['floor']:.2f}",
+                 f"{max(row['all_ms']['floor']) / min(row['all_ms']['floor']):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -175,7 +176,10 @@ def main() -> None:
     ap.add_argument("--shapes", choices=["minilm", "smollm", "all"], default="all")
     ap.add_argument("--out", default="bench/results/layer.json")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(args.seed)
     groups = list(SHAPES) if args.shapes == "all" else [args.shapes]
@@ -185,9 +189,10 @@ def main() -> None:
             for density in DENSITIES:
                 row = bench_case(in_f, out_f, density, args.tokens, args.reps, args.warmup, gen)
                 row["group"] = group
+                row["loadavg_1min"] = os.getloadavg()[0]
                 rows.append(row)
                 print(f"  done {group} {in_f}->{out_f} @ {100 * density:g}%", flush=True)
-    print("\n(ratios use sparse-auto)\n" + table(rows))
+    print("\n(ratios use sparse-auto; 'floor max/min' over reps flags a noisy machine)\n" + table(rows))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

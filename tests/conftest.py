@@ -9,6 +9,17 @@ HIDDEN = 32
 LAYERS = 2
 
 
+def _randomize_biases(model, seed: int):
+    """Fresh HF init sets every bias to zero; pretrained checkpoints have nonzero ones.
+    Random biases keep bias-handling differences from hiding behind zeros."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
 def build_bert(hidden: int = HIDDEN, seed: int = 0, num_labels: int = 3):
     """A tiny BertForSequenceClassification, seeded, in eval mode (no dropout)."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -24,7 +35,7 @@ def build_bert(hidden: int = HIDDEN, seed: int = 0, num_labels: int = 3):
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(cfg)
-    return model.eval()
+    return _randomize_biases(model, seed).eval()
 
 
 def build_gpt2(hidden: int = HIDDEN, seed: int = 0):
@@ -37,10 +48,12 @@ def build_gpt2(hidden: int = HIDDEN, seed: int = 0):
         n_layer=LAYERS,
         n_head=2,
         n_positions=64,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)
-    return model.eval()
+    return _randomize_biases(model, seed).eval()
 
 
 def make_batch(batch: int = 2, seq: int = 7, seed: int = 123):
@@ -76,9 +89,3 @@ def tiny_gpt2():
 @pytest.fixture
 def batch():
     return make_batch()
-
-
-@pytest.fixture(params=["bert", "gpt2"])
-def tiny_model_and_name(request):
-    model = build_bert() if request.param == "bert" else build_gpt2()
-    return model, request.param

@@ -40,9 +40,10 @@ def randomize_values(model: SparseModel, scale: float = 0.05, seed: int = 0) -> 
 
 # -- 2. zero values: outputs unchanged bit for bit ------------------------------------
 @pytest.mark.parametrize("budget", [{"density": 0.1}, {"density": 1.0}, {"num_params": 3}])
+@pytest.mark.parametrize("hidden", [32, 8])  # small matmuls take other CPU kernels than large ones
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_zero_values_leave_outputs_bit_identical(arch, budget):
-    base = BUILDERS[arch]()
+def test_zero_values_leave_outputs_bit_identical(arch, hidden, budget):
+    base = BUILDERS[arch](hidden=hidden)
     batch = make_batch()
     expected = logits_of(base, batch)
     model = get_sparse_model(base, SparseConfig(**budget))
@@ -255,7 +256,7 @@ def test_sparse_adamw_per_entry_step_after_set_index_sets(tiny_gpt2):
     fresh.grad = grad[new_pos:new_pos + 1].clone()
     torch.optim.AdamW([fresh], **hp).step()
     torch.testing.assert_close(after[new_pos:new_pos + 1], fresh.detach(), rtol=1e-5, atol=1e-9)
-    assert abs(float(after[new_pos])) == pytest.approx(hp["lr"], rel=1e-3)  # about lr, not 3 x lr
+    assert abs(float(after[new_pos])) == pytest.approx(hp["lr"], rel=0.02)  # about lr (eps aside), not 3 x lr
     assert float(opt.state[layer.values]["step"][new_pos]) == 1.0
     # kept entries continue their own Adam trajectory (step 6)
     expected = adam_reference(

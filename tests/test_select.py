@@ -178,7 +178,7 @@ def test_list_patterns(tiny_bert):
 
 
 def test_list_pattern_matches_whole_name_parts_only(tiny_bert):
-    # "dense" must not match "intermediate.dense"-like names partially, e.g. "ense"
+    # list entries match whole dotted components from the end, never a substring like "ense"
     with pytest.raises(ConfigError, match="target_modules"):
         find_target_modules(tiny_bert, ["ense"])
 
@@ -223,10 +223,10 @@ def test_get_sparse_model_spends_budget_exactly(tiny_gpt2, selection, method):
     assert summary["sparse_params"] == model.num_sparse_params()
     assert summary["head_params"] == 0  # GPT-2 has no task head
     for layer in model.sparse_layers().values():
-        validate = layer.indices
-        assert validate.dtype == torch.int32
-        if validate.numel() > 1:
-            assert bool((validate[1:] > validate[:-1]).all())
+        idx = layer.indices
+        assert idx.dtype == torch.int32
+        if idx.numel() > 1:
+            assert bool((idx[1:] > idx[:-1]).all())
     if selection == "per-layer":
         shares = allocate_per_layer({n: l.weight.numel() for n, l in model.sparse_layers().items()}, model.num_sparse_params())
         assert {n: l.num_entries for n, l in model.sparse_layers().items()} == shares

@@ -5,6 +5,7 @@ from .config import ConfigError, SparseConfig
 from .delta import SparseDeltaLayer
 from .model import AdapterError, SparseModel, get_sparse_model
 from .optim import SparseAdamW
+from .train import SparseCallback, TrainingArguments, create_optimizer, train
 
 __all__ = [
     "AdapterError",
@@ -13,6 +14,10 @@ __all__ = [
     "SparseConfig",
     "SparseDeltaLayer",
     "SparseModel",
+    "SparseCallback",
+    "TrainingArguments",
+    "create_optimizer",
+    "train",
     "get_sparse_model",
     "__version__",
 ]

@@ -19,8 +19,6 @@ GATHER_CHUNK_ELEMENTS = 1 << 24
 # which pays for transposing both operands into token-contiguous layouts first.
 GATHER_AUTO_LIMIT = 1 << 22
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -74,9 +72,12 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         if row_factor.device.type == "cpu" and row_factor.dtype not in (torch.float32, torch.float64):
             # sampled_addmm has no reduced-precision kernel on CPU: upcast.
             row_factor, col_factor = row_factor.float(), col_factor.float()
-        pattern = torch.sparse_csr_tensor(
-            layout.crow, layout.col, row_factor.new_zeros(layout.numel), size=layout.weight_shape
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "CSR support is in beta": said once per process, not useful here
+            pattern = torch.sparse_csr_tensor(
+                layout.crow, layout.col, row_factor.new_zeros(layout.numel), size=layout.weight_shape,
+                check_invariants=False,  # the layout is built from validated, sorted, unique indices
+            )
         # Both operands token-contiguous: each sampled entry is one contiguous dot product.
         mat1 = row_factor.t().contiguous()
         mat2 = col_factor.t().contiguous().t()

@@ -217,6 +217,7 @@ class SparseModel(nn.Module):
         targets = meta["targets"]
         heads = meta.get("modules_to_save", [])
         _check_fits(base_model, targets, heads)
+        targets = {n: targets[n] for n, _ in base_model.named_modules() if n in targets}  # model order, not JSON's sorted order
         for p in base_model.parameters():
             p.requires_grad_(False)
         wrap_modules(base_model, list(targets), backend=config.backend)

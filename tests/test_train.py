@@ -1,0 +1,111 @@
+"""The training loop and the transformers Trainer callback."""
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import sparseft
+from sparseft.train import SparseCallback, TrainingArguments, create_optimizer, linear_schedule, train
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def toy_batches(n_batches, batch_size, seed=0):
+    """A learnable toy task: the label is whether token 7 occurs in the sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(8, 50, (batch_size, 12), generator=gen)
+        labels = torch.randint(0, 2, (batch_size,), generator=gen)
+        ids[labels == 1, 3] = 7
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def sparse_model(seed=0, density=0.2):
+    return sparseft.get_sparse_model(tiny_bert(seed), sparseft.SparseConfig(method="random", density=density, seed=seed))
+
+
+def test_training_lowers_the_loss_and_only_touches_values_and_head():
+    model = sparse_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    batches = toy_batches(8, 16)
+    args = TrainingArguments(lr=1e-2, epochs=6, warmup_ratio=0.0, progress=False)
+    result = train(model, batches, args)
+    assert result.steps == 48
+    assert sum(result.losses[-8:]) / 8 < 0.7 * sum(result.losses[:8]) / 8
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[name]), name
+    assert any(layer.values.abs().sum() > 0 for layer in model.sparse_layers().values())
+
+
+def test_gradient_accumulation_matches_a_larger_batch():
+    batches = toy_batches(4, 8)
+    merged = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches[::2], batches[1::2])]
+    args_small = TrainingArguments(lr=1e-3, max_steps=2, grad_accum=2, warmup_ratio=0.0, max_grad_norm=None, progress=False)
+    args_big = TrainingArguments(lr=1e-3, max_steps=2, grad_accum=1, warmup_ratio=0.0, max_grad_norm=None, progress=False)
+    a, b = sparse_model(), sparse_model()
+    train(a, batches, args_small)
+    train(b, merged, args_big)
+    for la, lb in zip(a.sparse_layers().values(), b.sparse_layers().values()):
+        torch.testing.assert_close(la.values, lb.values, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = linear_schedule(opt, warmup_steps=4, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[:5] == sorted(rates[:5]) and rates[4] == pytest.approx(1.0)
+    assert rates[5:] == sorted(rates[5:], reverse=True)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_bad_training_arguments_are_refused():
+    for kwargs in ({"lr": 0}, {"grad_accum": 0}, {"max_steps": 0}, {"warmup_ratio": 1.0}):
+        with pytest.raises(ValueError):
+            TrainingArguments(**kwargs)
+
+
+def test_transformers_trainer_with_the_callback(tmp_path):
+    from transformers import Trainer
+    from transformers import TrainingArguments as HFArgs
+
+    class ListDataset(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    rows = [{k: v[i] for k, v in b.items()} for b in toy_batches(4, 8) for i in range(8)]
+    model = sparse_model()
+    base_before = copy.deepcopy({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
+    calls = []
+    callback = SparseCallback(model)
+    callback.controller.after_optimizer_step = lambda step, batch=None, optimizer=None: calls.append((step, optimizer))
+    opt = create_optimizer(model, lr=1e-2)
+    hf_args = HFArgs(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, report_to=[],
+                     save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=hf_args, train_dataset=ListDataset(rows), optimizers=(opt, None), callbacks=[callback])
+    trainer.train()
+    assert [c[0] for c in calls] == [1, 2, 3]
+    assert calls[0][1] is not None
+    assert any(layer.values.abs().sum() > 0 for layer in model.sparse_layers().values())
+    for n, p in model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), n
