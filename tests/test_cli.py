@@ -37,9 +37,22 @@ def test_help_lists_the_commands(capsys):
     assert "train" in out and "eval" in out
 
 
+@pytest.fixture
+def all_cores():
+    """A real model: use every core (conftest pins the tiny-model tests to one thread)."""
+    import os
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.integration
 @needs_offline_data
-def test_real_run_beats_the_majority_class_and_eval_reproduces_it(tmp_path):
+def test_real_run_beats_the_majority_class_and_eval_reproduces_it(tmp_path, all_cores):
     out = tmp_path / "run"
     code = main(["train", "--task", "rt-sentiment", "--method", "random", "--density", "0.01",
                  "--max-steps", "80", "--max-train-examples", "2560", "--max-eval-examples", "600",

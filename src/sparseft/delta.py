@@ -111,9 +111,10 @@ class SparseDeltaFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, values, indices, layout, transposed, backend, grad_observer):
         w_eff = effective_weight(weight, indices, values)
         if transposed:
-            out = x.matmul(w_eff)
-            if bias is not None:
-                out = out + bias
+            # Same kernel as transformers' Conv1D (addmm), so zero values give bit-identical outputs.
+            x2 = _as_2d(x)
+            out = torch.addmm(bias, x2, w_eff) if bias is not None else x2.matmul(w_eff)
+            out = out.view(*x.shape[:-1], w_eff.shape[-1])
         else:
             out = F.linear(x, w_eff, bias)
         ctx.save_for_backward(x, weight, values, indices)

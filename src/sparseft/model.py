@@ -218,17 +218,16 @@ class SparseModel(nn.Module):
         heads = meta.get("modules_to_save", [])
         _check_fits(base_model, targets, heads)
         targets = {n: targets[n] for n, _ in base_model.named_modules() if n in targets}  # model order, not JSON's sorted order
+        recorded, found = meta["base_model"].get("fingerprint"), base_fingerprint(base_model, list(targets))
+        if recorded != found and not force:
+            raise AdapterError(
+                f"adapter was made for a base model with fingerprint {recorded}, this one has {found}; "
+                "pass force=True (--force) to load it anyway"
+            )
         for p in base_model.parameters():
             p.requires_grad_(False)
         wrap_modules(base_model, list(targets), backend=config.backend)
         model = cls(base_model, config, list(targets), heads)
-        recorded = meta["base_model"].get("fingerprint")
-        if recorded != model.fingerprint and not force:
-            model.unload()
-            raise AdapterError(
-                f"adapter was made for a base model with fingerprint {recorded}, this one has {model.fingerprint}; "
-                "pass force=True (--force) to load it anyway"
-            )
         _load_tensors(model, tensors)
         if config.train_bias:
             for layer in model.sparse_layers().values():
