@@ -97,13 +97,15 @@ def test_transformers_trainer_with_the_callback(tmp_path):
     base_before = copy.deepcopy({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
     calls = []
     callback = SparseCallback(model)
+    begins = []
     callback.controller.after_optimizer_step = lambda step, batch=None, optimizer=None: calls.append((step, optimizer))
+    callback.controller.before_optimizer_step = begins.append
     opt = create_optimizer(model, lr=1e-2)
     hf_args = HFArgs(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, report_to=[],
                      save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=hf_args, train_dataset=ListDataset(rows), optimizers=(opt, None), callbacks=[callback])
     trainer.train()
-    assert [c[0] for c in calls] == [1, 2, 3]
+    assert [c[0] for c in calls] == [1, 2, 3] and begins == [1, 2, 3]
     assert calls[0][1] is not None
     assert any(layer.values.abs().sum() > 0 for layer in model.sparse_layers().values())
     for n, p in model.named_parameters():

@@ -95,6 +95,11 @@ class SparseController:
         self.model = model
         self.optimizer = optimizer
 
+    def before_optimizer_step(self, step: int) -> None:
+        method = getattr(self.model, "method", None)
+        if method is not None:
+            method.on_step_begin(step, self.model)
+
     def after_optimizer_step(self, step: int, batch: Any = None, optimizer: Any = None) -> None:
         method = getattr(self.model, "method", None)
         if method is not None:
@@ -142,6 +147,8 @@ def train(
     while result.steps < total:
         for batch in train_loader:
             batch = _to_device(batch, device)
+            if micro % args.grad_accum == 0:
+                controller.before_optimizer_step(result.steps + 1)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {result.steps + 1}")
@@ -196,6 +203,10 @@ class SparseCallback(TrainerCallback):
 
     def __init__(self, model: Any):
         self.controller = SparseController(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.controller.before_optimizer_step(state.global_step + 1)
+        return control
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self.controller.after_optimizer_step(state.global_step, optimizer=optimizer)

@@ -17,8 +17,15 @@ class Method:
     def init(self, model: Any, calibration_data: Any = None) -> None:
         raise NotImplementedError
 
+    def on_step_begin(self, step: int, model: Any) -> None:
+        """Called before the forward/backward passes of optimizer step ``step`` (1-based).
+
+        A method that scores from gradients arms the layers' ``grad_observer`` here, so
+        the ordinary backward pass of this step also yields the dense weight gradient.
+        """
+
     def on_step(self, step: int, model: Any, optimizer: Any = None, batch: Any = None) -> None:
-        """Called after optimizer step ``step`` (1-based)."""
+        """Called after optimizer step ``step`` (1-based); may change index sets."""
 
     def state_dict(self) -> dict:
         return {}
