@@ -17,7 +17,7 @@ import torch.nn.functional as F
 GATHER_CHUNK_ELEMENTS = 1 << 24
 # Below this many (tokens x entries) multiply-adds the gather backend beats sampled_addmm,
 # which pays for transposing both operands into token-contiguous layouts first.
-GATHER_AUTO_LIMIT = 1 << 22
+GATHER_AUTO_LIMIT = 1 << 21
 
 
 
