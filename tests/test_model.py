@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from sparseft.model import file_sha256
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
@@ -453,6 +455,7 @@ def test_missing_config_file(saved_bert):
                                      (8).to_bytes(8, "little") + b"{bad json"])
 def test_corrupt_safetensors(saved_bert, garbage):
     (saved_bert / WEIGHTS_NAME).write_bytes(garbage)
+    restamp(saved_bert)  # a consistent but hostile adapter: the checksum alone must not be the only guard
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
         SparseModel.from_pretrained(build_bert(), saved_bert)
 
@@ -463,13 +466,29 @@ def test_corrupt_config_json(saved_bert):
         SparseModel.from_pretrained(build_bert(), saved_bert)
 
 
+def restamp(folder):
+    """Record the weights file's current checksum, as a hostile but careful author would."""
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = file_sha256(folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
 def rewrite(folder, edit):
     tensors = load_file(str(folder / WEIGHTS_NAME))
     meta = json.loads((folder / CONFIG_NAME).read_text())
     name = next(iter(meta["targets"]))
     edit(tensors, name)
     save_file(tensors, str(folder / WEIGHTS_NAME))
+    restamp(folder)
     return name
+
+
+def test_a_flipped_byte_anywhere_in_the_weights_is_caught(saved_bert):
+    data = bytearray((saved_bert / WEIGHTS_NAME).read_bytes())
+    data[-3] ^= 0x01  # inside the last value: still a well-formed file, silently wrong without the checksum
+    (saved_bert / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="does not match the checksum"):
+        SparseModel.from_pretrained(build_bert(), saved_bert)
 
 
 def _set(key_suffix, fn):

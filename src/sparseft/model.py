@@ -41,6 +41,14 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -200,8 +208,9 @@ class SparseModel(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = self.adapter_tensors()
-        meta = {"sparse_config": self.sparse_config.to_dict(), **self.adapter_metadata(), **(extra_metadata or {})}
         _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        meta = {"sparse_config": self.sparse_config.to_dict(), **self.adapter_metadata(), **(extra_metadata or {}),
+                "weights_sha256": file_sha256(out / WEIGHTS_NAME)}
         _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
         return out
 
@@ -263,6 +272,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         SparseConfig.from_dict(meta["sparse_config"])
     except ConfigError as err:
         raise AdapterError(f"{cfg_path}: {err}") from None
+    recorded = meta.get("weights_sha256")
+    if not isinstance(recorded, str):
+        raise AdapterError(f"{cfg_path} lacks weights_sha256: not a complete sparseft adapter")
+    if file_sha256(weights_path) != recorded:
+        raise AdapterError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: "
+                           "the file is corrupt, or the two files come from different saves")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
