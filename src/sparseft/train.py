@@ -29,6 +29,9 @@ class TrainingArguments:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     eval_every: int = 0  # optimizer steps; 0 = only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = none
+    keep_checkpoints: int = 3
+    skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradients are NaN/inf
     seed: int = 0
     progress: bool = True
 
@@ -53,6 +56,7 @@ class TrainResult:
     tokens: int = 0
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
 
     @property
     def median_step_time(self) -> float:
@@ -118,18 +122,35 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN/inf and ``skip_nonfinite`` is off."""
+
+
+def _all_finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    if not bool(torch.isfinite(loss)):
+        return False
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
 def train(
     model: Any,
     train_loader: Iterable[dict],
     args: TrainingArguments,
     eval_fn: Callable[[], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    checkpoint_dir: str | None = None,
+    resume_from: str | None = None,
 ) -> TrainResult:
     """Train ``model`` (a SparseModel, or any model whose batches return ``.loss``).
 
     ``eval_fn`` is called every ``args.eval_every`` optimizer steps (not after the last:
     the caller evaluates the final model) and its metrics are kept in ``TrainResult.history``.
+    With ``checkpoint_dir`` and ``args.save_every``, a checkpoint is written every that
+    many steps; ``resume_from`` (a checkpoint folder) continues a run exactly where that
+    checkpoint left it: same data order, RNG, optimizer, scheduler and method state.
     """
+    from . import checkpoint as ckpt
+
     torch.manual_seed(args.seed)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     total = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
@@ -139,28 +160,53 @@ def train(
     controller = SparseController(model, optimizer)
     device = next(model.parameters()).device
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    generator = getattr(train_loader, "generator", None)
     result = TrainResult()
+    loop = {"epoch": 0, "micro_in_epoch": 0}
+    if resume_from is not None:
+        loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        for key in ("steps", "tokens", "losses", "step_times", "history", "skipped_steps"):
+            setattr(result, key, loop.pop(key))
     model.train()
-    bar = tqdm(total=total, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=result.steps, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     started = time.perf_counter()
-    micro, step_loss, step_start, eval_seconds = 0, 0.0, time.perf_counter(), 0.0
+    step_loss, step_start, eval_seconds, last_checkpoint = 0.0, time.perf_counter(), 0.0, resume_from
     while result.steps < total:
-        for batch in train_loader:
+        # The data order of an epoch is fixed by the generator state at its start; a
+        # resumed run restores that state and skips the micro-batches already consumed.
+        if generator is not None:
+            if loop.get("epoch_generator_state") is not None:
+                generator.set_state(loop["epoch_generator_state"])
+            loop["epoch_generator_state"] = generator.get_state()
+        batches = iter(train_loader)
+        for _ in range(loop["micro_in_epoch"]):
+            next(batches)
+        consumed_any = False
+        for batch in batches:
+            consumed_any = True
             batch = _to_device(batch, device)
-            if micro % args.grad_accum == 0:
+            if loop["micro_in_epoch"] % args.grad_accum == 0:
                 controller.before_optimizer_step(result.steps + 1)
+                step_finite = True
             loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {result.steps + 1}")
             (loss / args.grad_accum).backward()
             step_loss += loss.item() / args.grad_accum
             result.tokens += _count_tokens(batch)
-            micro += 1
-            if micro % args.grad_accum:
+            loop["micro_in_epoch"] += 1
+            if loop["micro_in_epoch"] % args.grad_accum:
+                step_finite = step_finite and bool(torch.isfinite(loss))
                 continue
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
+            step_finite = step_finite and _all_finite(loss, trainable)
+            if not step_finite and not args.skip_nonfinite:
+                where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+                raise NonFiniteError(f"the loss or a gradient became NaN/inf at step {result.steps + 1}{where} "
+                                     "(use --skip-nonfinite to skip such steps)")
+            if step_finite:
+                if args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+            else:
+                result.skipped_steps += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
@@ -177,10 +223,19 @@ def train(
                 model.train()
                 step_start = time.perf_counter()
                 eval_seconds += step_start - eval_start
+            if checkpoint_dir and args.save_every and result.steps % args.save_every == 0:
+                state = {**loop, "steps": result.steps, "tokens": result.tokens, "losses": result.losses,
+                         "step_times": result.step_times, "history": result.history,
+                         "skipped_steps": result.skipped_steps}
+                last_checkpoint = str(ckpt.save_checkpoint(
+                    checkpoint_dir, result.steps, model, optimizer, scheduler, state, keep_last=args.keep_checkpoints))
+                step_start = time.perf_counter()
             if result.steps >= total:
                 break
-        if micro == 0:
+        if not consumed_any and loop["micro_in_epoch"] == 0:
             raise ValueError("the training data is empty")
+        if result.steps < total:
+            loop = {"epoch": loop["epoch"] + 1, "micro_in_epoch": 0}
     bar.close()
     result.train_seconds = time.perf_counter() - started - eval_seconds
     model.eval()
