@@ -1,7 +1,7 @@
 """Budgets and top-k rules: how many entries, and which, given per-layer scores.
 
 Scores arrive as one flat float tensor per targeted weight. No tensor larger than the
-largest weight is ever built: the global threshold is found by bisection over the
+largest weight is ever built: the global threshold is found by radix selection over the
 scores' order-preserving integer keys, counting layer by layer.
 """
 from __future__ import annotations
@@ -73,16 +73,26 @@ def _order_keys(scores: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 
 def _kth_largest_key(key_fn, names, k: int) -> int:
-    """Largest key t with at least k entries >= t, over all layers."""
-    lo, hi = -(2**31), 2**31 - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        count = sum(int((key_fn(n) >= mid).sum()) for n in names)
-        if count >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """The k-th largest key over all layers (radix selection, one byte per pass).
+
+    Four passes over the keys, each building a 256-bin histogram of the next byte among
+    the keys that share the bytes fixed so far; only one layer's temporaries exist at once.
+    """
+    prefix = 0  # the high bytes of the answer, as an unsigned 32-bit number
+    for shift in (24, 16, 8, 0):
+        counts = torch.zeros(256, dtype=torch.int64)
+        for n in names:
+            u = key_fn(n).to(torch.int64) + 2**31  # order-preserving, unsigned
+            if shift < 24:
+                u = u[(u >> (shift + 8)) == prefix]
+            counts += torch.bincount((u >> shift) & 0xFF, minlength=256).cpu()
+            del u
+        from_top = counts.flip(0).cumsum(0)
+        j = int(torch.nonzero(from_top >= k)[0])
+        byte = 255 - j
+        k -= int(from_top[j] - counts[byte])  # entries in higher bins are all above
+        prefix = (prefix << 8) | byte
+    return prefix - 2**31
 
 
 def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str = "global",
