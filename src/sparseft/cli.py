@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import KNOWN_METHODS, ConfigError, SparseConfig
+from .config import DROP_POLICIES, KNOWN_METHODS, SCHEDULES, ConfigError, SparseConfig
 from .data import DataError
 from .checkpoint import CheckpointError
 from .model import AdapterError
@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default' (the embedded all-MiniLM-L6-v2) or a local Hugging Face model folder")
     _add_data_options(t, "rt-sentiment")
     m = t.add_argument_group("sparse method")
-    m.add_argument("--method", default="random", choices=KNOWN_METHODS, help="how entries are chosen")
+    m.add_argument("--method", default="random", choices=KNOWN_METHODS,
+                   help="scorer that chooses the entries: random, magnitude (|w|); from calibration batches: "
+                        "gradient (|g|), snip (|w g|), taylor ((w g)^2), d3 (|g|/(|w|+eps)^e), fisher (mean per-example g^2), "
+                        "grasp (w Hg); synflow (data-free path score)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
     budget.add_argument("--num-params", type=int, help="absolute number of trained entries")
@@ -55,9 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all-linear', a regex on module names, or comma-separated name suffixes")
     m.add_argument("--selection", default="global", choices=["global", "per-layer"], help="one top-k over all targets, or a share per layer")
     m.add_argument("--magnitude-order", default="largest", choices=["largest", "smallest"], help="for --method magnitude")
+    m.add_argument("--calib-examples", type=int, default=1024,
+                   help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
+                        "order, capped by its size)")
+    m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e")
+    m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
+    m.add_argument("--schedule", default="static", choices=list(SCHEDULES),
+                   help="static: choose once before training; dynamic: rescore every --update-every steps")
+    m.add_argument("--update-every", type=int, default=128, help="dynamic: optimizer steps between rescorings")
+    m.add_argument("--score-window", type=int, default=8,
+                   help="dynamic: rescore from the dense gradients of this many steps before each update")
+    m.add_argument("--drop-policy", default="merge", choices=list(DROP_POLICIES),
+                   help="dynamic: fold dropped entries into the base weight (merge, recorded in the adapter) or discard them")
     m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
     o = t.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, help="learning rate of the sparse values (default: per method, 5e-3 for random)")
+    o.add_argument("--lr", type=float, help="learning rate of the sparse values (default: 5e-3 for every scorer; "
+                                             "random masking needs a much larger rate than full fine-tuning)")
     o.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: 2e-3)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the sparse values")
     o.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
@@ -111,6 +127,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         method=ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
         target_modules=_targets(ns.target_modules), selection=ns.selection,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
+        calib_examples=ns.calib_examples, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
+        schedule=ns.schedule, update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy,
     )
     training = TrainingArguments(
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,

@@ -12,9 +12,18 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-# Methods that pick their index set once, before training, from the weights alone.
-STATIC_METHODS = ("random", "magnitude")
-KNOWN_METHODS = STATIC_METHODS
+# Scorers (DESIGN.md section 5). The first two need no data; the gradient-based ones read
+# calibration batches; synflow needs no data but a forward/backward pass.
+DATA_FREE_METHODS = ("random", "magnitude")
+GRADIENT_METHODS = ("gradient", "snip", "taylor", "d3")
+KNOWN_METHODS = ("random", "magnitude", "gradient", "snip", "taylor", "fisher", "grasp", "synflow", "d3")
+# Scorers that need calibration batches at selection time.
+CALIBRATION_METHODS = ("gradient", "snip", "taylor", "fisher", "grasp", "d3")
+# Dynamic rescoring reads the dense gradient of ordinary training steps; fisher (per-example
+# gradients) and grasp (double backward) cannot be had from those, so they are static only.
+DYNAMIC_METHODS = ("random", "magnitude", "gradient", "snip", "taylor", "synflow", "d3")
+SCHEDULES = ("static", "dynamic")
+DROP_POLICIES = ("merge", "zero")
 SELECTIONS = ("global", "per-layer")
 MAGNITUDE_ORDERS = ("largest", "smallest")
 BACKENDS = ("auto", "sampled_addmm", "gather")
@@ -42,6 +51,18 @@ class SparseConfig:
     modules_to_save: list[str] = field(default_factory=list)
     train_bias: bool = False
     backend: str = "auto"
+    # Scoring: calibration examples (capped by the training set) and the d3 (ID3) score
+    # |g| / (|w| + d3_epsilon) ** d3_exponent.
+    calib_examples: int = 1024
+    d3_epsilon: float = 1e-3
+    d3_exponent: float = 0.0
+    # Schedule: "static" chooses once; "dynamic" rescores every ``update_every`` optimizer
+    # steps from the dense gradients of the last ``score_window`` steps, and folds dropped
+    # entries into the base weight ("merge") or discards them ("zero").
+    schedule: str = "static"
+    update_every: int = 128
+    score_window: int = 8
+    drop_policy: str = "merge"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +101,29 @@ class SparseConfig:
             self.target_modules = list(self.target_modules)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("calib_examples", "update_every", "score_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("d3_epsilon", "d3_exponent"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+        if self.d3_exponent > 0 and self.d3_epsilon == 0:
+            raise ConfigError("d3_epsilon must be positive when d3_exponent > 0 (it guards |w| = 0)")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ConfigError(f"drop_policy={self.drop_policy!r}; choose one of {', '.join(DROP_POLICIES)}")
+        if self.schedule == "dynamic":
+            if self.method not in DYNAMIC_METHODS:
+                raise ConfigError(
+                    f"method={self.method!r} cannot rescore from ordinary training steps; "
+                    f"schedule='dynamic' supports {', '.join(DYNAMIC_METHODS)}"
+                )
+            if self.score_window > self.update_every:
+                raise ConfigError(f"score_window ({self.score_window}) must not exceed update_every ({self.update_every})")
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

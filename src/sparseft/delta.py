@@ -164,6 +164,13 @@ class SparseDeltaLayer(nn.Module):
         self.values = nn.Parameter(torch.zeros(0, dtype=weight.dtype, device=weight.device))
         self._layout: IndexLayout | None = None
         self._merged_original: torch.Tensor | None = None
+        # Entries dropped by a dynamic schedule with drop_policy="merge": their values are
+        # folded into the base weight as W[i] = W0[i] + folded_values[i], always computed
+        # from the pristine W0[i] (kept in ``_folded_base``), so that replaying the record
+        # on a fresh base model (adapter load) gives the same weight bit for bit.
+        self.register_buffer("folded_indices", torch.zeros(0, dtype=torch.int32, device=weight.device), persistent=False)
+        self.register_buffer("folded_values", torch.zeros(0, dtype=weight.dtype, device=weight.device), persistent=False)
+        self.register_buffer("_folded_base", torch.zeros(0, dtype=weight.dtype, device=weight.device), persistent=False)
         # Set by a scorer to receive the dense weight gradient on the next backward.
         self.grad_observer: Callable[[torch.Tensor], None] | None = None
         self.set_indices(indices)
@@ -197,9 +204,72 @@ class SparseDeltaLayer(nn.Module):
         elif values.shape != indices.shape:
             raise ValueError(f"values has {values.numel()} entries for {indices.numel()} indices")
         self.indices = indices
-        self.values.data = values.detach().to(device=device, dtype=self.values.dtype).clone()
+        dtype = self.values.dtype
+        if values.shape != self.values.shape:
+            # Autograd caches a leaf's gradient accumulator, and the shape it expects, for
+            # as long as any earlier graph through it is alive (a loop still holding last
+            # step's loss); ``set_data`` drops it only on a dtype change, so pass through one.
+            other = torch.float64 if dtype != torch.float64 else torch.float32
+            self.values.data = torch.zeros(0, dtype=other, device=device)
+        self.values.data = values.detach().to(device=device, dtype=dtype).clone()
         self.values.grad = None
         self._layout = None
+
+    # -- folded (merged-and-dropped) entries ---------------------------------------
+    @property
+    def num_folded(self) -> int:
+        return int(self.folded_indices.numel())
+
+    @torch.no_grad()
+    def fold_into_base(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Write dropped entries into the base weight for good (recorded for the adapter).
+
+        A position folded twice accumulates its folded value; the weight is always
+        recomputed as ``W0 + folded`` from the pristine ``W0``.
+        """
+        if self.merged:
+            raise RuntimeError("unmerge the delta before folding entries into the base weight")
+        indices = validate_indices(indices, self.weight.numel()).to(self.weight.device)
+        if indices.numel() == 0:
+            return
+        values = values.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+        flat = self.weight.view(-1)
+        old_idx = self.folded_indices
+        union = torch.unique(torch.cat([old_idx, indices]).long()).to(torch.int32)  # sorted
+        folded = torch.zeros(union.numel(), dtype=self.weight.dtype, device=union.device)
+        base = torch.empty_like(folded)
+        old_pos = torch.searchsorted(union, old_idx)
+        folded[old_pos] = self.folded_values
+        base[old_pos] = self._folded_base
+        is_new = ~torch.isin(union, old_idx)
+        base[is_new] = flat[union[is_new].long()]  # never folded before: W there is still W0
+        folded[torch.searchsorted(union, indices)] += values
+        self.folded_indices, self.folded_values, self._folded_base = union, folded, base
+        flat[union.long()] = base + folded
+
+    @torch.no_grad()
+    def set_folded(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Apply a saved fold record to a pristine base weight (adapter load)."""
+        if self.merged or self.num_folded:
+            raise RuntimeError("set_folded needs a pristine, unmerged base weight")
+        indices = validate_indices(indices, self.weight.numel()).to(self.weight.device)
+        if values.shape != indices.shape:
+            raise ValueError(f"folded values has {values.numel()} entries for {indices.numel()} indices")
+        flat = self.weight.view(-1)
+        values = values.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone()
+        base = flat[indices.long()].clone()
+        self.folded_indices, self.folded_values, self._folded_base = indices, values, base
+        flat[indices.long()] = base + values
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Undo every fold: the base weight is W0 again, bit for bit."""
+        if self.merged:
+            raise RuntimeError("unmerge the delta before restoring the base weight")
+        if self.num_folded:
+            self.weight.view(-1)[self.folded_indices.long()] = self._folded_base
+        empty = self.folded_indices[:0]
+        self.folded_indices, self.folded_values, self._folded_base = empty, self.folded_values[:0], self._folded_base[:0]
 
     @property
     def layout(self) -> IndexLayout:

@@ -97,6 +97,7 @@ def unwrap_modules(model: nn.Module, merge: bool) -> nn.Module:
                 module._merged_original = None  # the merge is now permanent
             else:
                 module.unmerge()
+                module.restore_base()  # entries a dynamic schedule folded into W
             parent, child = _parent_and_child(model, name)
             setattr(parent, child, module.base_layer)
     return model

@@ -24,6 +24,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 HEAD_PREFIX = "modules_to_save."
+FOLDED_PARTS = ("folded_indices", "folded_values")
 
 
 class AdapterError(ValueError):
@@ -105,10 +106,22 @@ class SparseModel(nn.Module):
         return {name: linear_shape(layer.base_layer) for name, layer in self.sparse_layers().items()}
 
     # -- index sets ---------------------------------------------------------------
-    def set_index_sets(self, index_sets: Mapping[str, torch.Tensor], optimizer: Any = None) -> None:
+    def set_index_sets(self, index_sets: Mapping[str, torch.Tensor], optimizer: Any = None,
+                       drop_policy: str = "zero") -> dict[str, int]:
         """Give layers new index sets. Entries present before and after keep their values
-        (and, with a ``SparseAdamW``, their optimizer state); new entries start at zero."""
+        (and, with a ``SparseAdamW``, their optimizer state); new entries start at zero
+        with fresh optimizer state. Dropped entries are discarded (``"zero"``) or folded
+        into the base weight for good (``"merge"``, recorded and saved with the adapter).
+
+        Returns how many entries each layer dropped.
+        """
+        if drop_policy not in ("zero", "merge"):
+            raise ValueError(f"drop_policy must be 'zero' or 'merge', got {drop_policy!r}")
         layers = self.sparse_layers()
+        dropped_counts = {}
+        # transformers.Trainer hands callbacks accelerate's wrapper around the optimizer.
+        while optimizer is not None and not hasattr(optimizer, "remap_entries") and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
         for name, new_idx in index_sets.items():
             layer = layers[name]
             new_idx = validate_indices(new_idx, layer.weight.numel()).to(layer.indices.device)
@@ -118,9 +131,24 @@ class SparseModel(nn.Module):
             old_pos = torch.searchsorted(old_idx, new_idx[kept])
             values = torch.zeros(new_idx.numel(), dtype=layer.values.dtype, device=new_idx.device)
             values[new_pos] = layer.values.detach()[old_pos]
+            dropped = ~torch.isin(old_idx, new_idx)
+            dropped_counts[name] = int(dropped.sum())
+            if (optimizer is not None and not hasattr(optimizer, "remap_entries")
+                    and optimizer.state.get(layer.values) and not torch.equal(new_idx, old_idx)):
+                raise RuntimeError(
+                    "changing index sets during training needs per-entry optimizer state: "
+                    "use sparseft.create_optimizer (SparseAdamW)"
+                )
+            if drop_policy == "merge" and dropped_counts[name]:
+                layer.fold_into_base(old_idx[dropped], layer.values.detach()[dropped])
             layer.set_indices(new_idx, values)
             if optimizer is not None and hasattr(optimizer, "remap_entries"):
                 optimizer.remap_entries(layer.values, old_pos, new_pos)
+        return dropped_counts
+
+    def num_folded_params(self) -> int:
+        """Entries a dynamic schedule dropped and folded into the base weights."""
+        return sum(layer.num_folded for layer in self.sparse_layers().values())
 
     # -- counting -----------------------------------------------------------------
     def num_sparse_params(self) -> int:
@@ -182,6 +210,9 @@ class SparseModel(nn.Module):
         for name, layer in self.sparse_layers().items():
             tensors[f"{name}.indices"] = layer.indices.detach().to("cpu", torch.int32).contiguous()
             tensors[f"{name}.values"] = layer.values.detach().cpu().contiguous()
+            if layer.num_folded:
+                tensors[f"{name}.folded_indices"] = layer.folded_indices.detach().to("cpu", torch.int32).contiguous()
+                tensors[f"{name}.folded_values"] = layer.folded_values.detach().cpu().contiguous()
         for head in self.modules_to_save:
             for pname, p in self.base_model.get_submodule(head).state_dict().items():
                 tensors[f"{HEAD_PREFIX}{head}.{pname}"] = p.detach().cpu().contiguous()
@@ -288,6 +319,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
 
 def _check_tensors(targets: dict, heads: list[str], tensors: dict[str, torch.Tensor], where: Path) -> None:
     expected = {f"{n}.{part}" for n in targets for part in ("indices", "values")}
+    # Optional, in pairs: entries a dynamic schedule folded into the base weight.
+    folded = {n for n in targets if f"{n}.folded_indices" in tensors or f"{n}.folded_values" in tensors}
+    expected |= {f"{n}.{part}" for n in folded for part in FOLDED_PARTS}
     missing = sorted(expected - tensors.keys())
     extra = sorted(k for k in tensors.keys() - expected if not any(k.startswith(f"{HEAD_PREFIX}{h}.") for h in heads))
     if missing or extra:
@@ -306,6 +340,16 @@ def _check_tensors(targets: dict, heads: list[str], tensors: dict[str, torch.Ten
             raise AdapterError(f"{where}: {name}.indices: {err}") from None
         if not bool(torch.isfinite(vals).all()):
             raise AdapterError(f"{where}: {name}.values holds NaN or infinity")
+        if name in folded:
+            fidx, fvals = tensors[f"{name}.folded_indices"], tensors[f"{name}.folded_values"]
+            if fidx.dtype != torch.int32 or not fvals.is_floating_point() or fidx.dim() != 1 or fidx.shape != fvals.shape:
+                raise AdapterError(f"{where}: {name}.folded_indices/folded_values must be int32 and float vectors of one length")
+            try:
+                validate_indices(fidx, rows * cols)
+            except ValueError as err:
+                raise AdapterError(f"{where}: {name}.folded_indices: {err}") from None
+            if not bool(torch.isfinite(fvals).all()):
+                raise AdapterError(f"{where}: {name}.folded_values holds NaN or infinity")
 
 
 def _check_fits(model: nn.Module, targets: dict, heads: list[str]) -> None:
@@ -329,6 +373,8 @@ def _load_tensors(model: SparseModel, tensors: dict[str, torch.Tensor]) -> None:
     for name, layer in model.sparse_layers().items():
         values = tensors[f"{name}.values"].to(layer.values.dtype)
         layer.set_indices(tensors[f"{name}.indices"], values)
+        if f"{name}.folded_indices" in tensors:
+            layer.set_folded(tensors[f"{name}.folded_indices"], tensors[f"{name}.folded_values"])
     for head in model.modules_to_save:
         module = model.base_model.get_submodule(head)
         prefix = f"{HEAD_PREFIX}{head}."

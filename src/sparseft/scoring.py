@@ -1,20 +1,43 @@
 """Salience scores: one flat float32 tensor per targeted weight, higher = keep.
 
-The scorers here need no data. Gradient-based scorers (gradient, snip, fisher, ...)
-take calibration batches and plug into the same ``SCORERS`` registry.
+Scorers (DESIGN.md section 5; g is the mean gradient of the loss over the calibration
+examples, w the frozen weight):
+
+=========  ==========================================================================
+random     U(0, 1), seeded per layer name
+magnitude  |w| (or -|w|: smallest first, as PaFi)
+gradient   |g|
+snip       |w * g|
+taylor     (w * g)^2
+d3         |g| / (|w| + eps)^e  (ID3; e = 0 makes it |g|)
+fisher     mean over examples of the per-example squared gradient (micro-batches of one)
+grasp      w * (H g)  (Hessian-gradient product by double backward; raw value, as SPEFT)
+synflow    |w * dR/dw|, R = sum of the logits with every parameter made positive, on an
+           all-ones ``inputs_embeds`` of one token (weights restored exactly afterwards)
+=========  ==========================================================================
+
+Memory: the gradient-based scorers never set ``W.grad``. Each targeted layer's dense
+gradient is handed to a ``grad_observer`` during the ordinary backward pass (one
+weight-sized temporary at a time) and summed into one float32 buffer per layer, which is
+then turned into the score in place. grasp is the exception: double backward needs the
+weights in the autograd graph, so it holds about three weight-sized tensors per layer.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.nn as nn
 
 from .delta import SparseDeltaLayer
 
 ScoreFn = Callable[..., dict[str, torch.Tensor]]
+Batch = Mapping[str, Any]
 
 
+# ----------------------------------------------------------------------------- helpers
 def _layer_generator(seed: int, name: str) -> torch.Generator:
     # A per-layer stream keyed by the module name: the same layer gets the same
     # scores whatever else is targeted, and on every process.
@@ -23,6 +46,140 @@ def _layer_generator(seed: int, name: str) -> torch.Generator:
     return gen
 
 
+def batch_size(batch: Batch) -> int:
+    """Number of examples in a batch (the leading dimension of its tensors)."""
+    for key in ("input_ids", "inputs_embeds", "labels"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim():
+            return int(value.shape[0])
+    raise ValueError("cannot tell the batch size: the batch holds no tensors")
+
+
+def split_examples(batch: Batch) -> Iterator[dict[str, Any]]:
+    """The examples of a batch, one at a time, each as a batch of one."""
+    n = batch_size(batch)
+    for i in range(n):
+        yield {k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+               for k, v in batch.items()}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def calibration_batches(data: Iterable[Batch] | None, method: str) -> list[Batch]:
+    if data is None:
+        raise ValueError(f"method {method!r} scores from calibration data: pass calibration_data "
+                         "(batches with labels) to get_sparse_model")
+    batches = list(data)
+    if not batches:
+        raise ValueError(f"method {method!r} got empty calibration data")
+    return batches
+
+
+def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("calibration batches must carry labels, so that the model returns a loss")
+    return loss
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and untouched ``.grad`` of every parameter, restored after."""
+    was_training = model.training
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def observing(layers: Mapping[str, SparseDeltaLayer], make_observer: Callable[[str], Callable]) -> Iterator[None]:
+    """Arm every layer's ``grad_observer`` for the duration of the block."""
+    try:
+        for name, layer in layers.items():
+            layer.grad_observer = make_observer(name)
+        yield
+    finally:
+        for layer in layers.values():
+            layer.grad_observer = None
+
+
+class GradientSum:
+    """Per-layer float32 sums of the dense weight gradients a backward pass reports.
+
+    ``scale`` multiplies what is added (set it per batch); ``square`` adds g*g instead
+    (for fisher). Buffers are created on first use and owned here.
+    """
+
+    def __init__(self, square: bool = False):
+        self.square = square
+        self.scale = 1.0
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def observer(self, name: str) -> Callable[[torch.Tensor], None]:
+        def observe(grad: torch.Tensor) -> None:
+            grad = grad.detach()
+            buf = self.buffers.get(name)
+            if self.square:
+                if buf is None:
+                    buf = self.buffers[name] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+                g = grad.float()
+                buf.addcmul_(g, g, value=self.scale)
+            elif buf is None:
+                g = grad.float()
+                if g is grad:  # matmul output: a fresh tensor nobody else holds
+                    self.buffers[name] = g.mul_(self.scale) if self.scale != 1.0 else g
+                else:
+                    self.buffers[name] = g.mul_(self.scale)
+            else:
+                buf.add_(grad.float(), alpha=self.scale)
+        return observe
+
+    def get(self, name: str, layer: SparseDeltaLayer) -> torch.Tensor:
+        """The sum for ``name`` (zeros when the layer got no gradient)."""
+        buf = self.buffers.pop(name, None)
+        if buf is None:
+            buf = torch.zeros(layer.weight.shape, dtype=torch.float32, device=layer.weight.device)
+        return buf
+
+
+def _backward_to_values(loss: torch.Tensor, layers: Mapping[str, SparseDeltaLayer]) -> None:
+    """Run the backward pass only as far as the sparse layers need (no head/bias grads)."""
+    torch.autograd.backward(loss, inputs=[layer.values for layer in layers.values()])
+
+
+def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batches: list[Batch]) -> GradientSum:
+    """g = sum_b (n_b / N) grad L_b: the example-weighted mean gradient of the loss."""
+    acc = GradientSum()
+    total = sum(batch_size(b) for b in batches)
+    device = _model_device(model)
+    with scoring_mode(model), observing(layers, acc.observer):
+        for b in batches:
+            acc.scale = batch_size(b) / total
+            _backward_to_values(_loss(model, _to_device(b, device)), layers)
+    return acc
+
+
+def _weight(layer: SparseDeltaLayer) -> torch.Tensor:
+    return layer.weight.detach()
+
+
+# ----------------------------------------------------------------------------- scorers
 def random_scores(layers: Mapping[str, SparseDeltaLayer], seed: int = 0, **_: object) -> dict[str, torch.Tensor]:
     """U(0, 1) per entry, seeded: the top-k is a uniform random subset."""
     return {
@@ -37,9 +194,175 @@ def magnitude_scores(layers: Mapping[str, SparseDeltaLayer], order: str = "large
     return {name: sign * layer.weight.detach().float().abs().reshape(-1) for name, layer in layers.items()}
 
 
+def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], grads: GradientSum,
+                         d3_epsilon: float = 1e-3, d3_exponent: float = 0.0) -> dict[str, torch.Tensor]:
+    """Turn summed gradients into gradient/snip/taylor/d3 scores, in place, layer by layer."""
+    scores = {}
+    for name, layer in layers.items():
+        g = grads.get(name, layer)
+        if method == "gradient":
+            g.abs_()
+        elif method == "snip":
+            g.mul_(_weight(layer)).abs_()
+        elif method == "taylor":
+            g.mul_(_weight(layer)).square_()
+        elif method == "d3":
+            g.abs_()
+            if d3_exponent != 0.0:
+                g.div_(_weight(layer).float().abs().add_(d3_epsilon).pow_(d3_exponent))
+        else:
+            raise ValueError(f"{method!r} is not a plain gradient scorer")
+        scores[name] = g.reshape(-1)
+    return scores
+
+
+def _gradient_scorer(method: str) -> ScoreFn:
+    def scorer(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
+               d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, **_: object) -> dict[str, torch.Tensor]:
+        grads = mean_gradient(model, layers, calibration_batches(data, method))
+        return scores_from_gradient(method, layers, grads, d3_epsilon, d3_exponent)
+
+    scorer.__name__ = f"{method}_scores"
+    scorer.__doc__ = f"The {method} score from the mean gradient over the calibration batches."
+    return scorer
+
+
+gradient_scores = _gradient_scorer("gradient")
+snip_scores = _gradient_scorer("snip")
+taylor_scores = _gradient_scorer("taylor")
+d3_scores = _gradient_scorer("d3")
+
+
+def fisher_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
+                  **_: object) -> dict[str, torch.Tensor]:
+    """Empirical Fisher diagonal: mean over examples of (grad of that example's loss)^2.
+
+    Examples run as micro-batches of one; each layer's per-example gradient is squared
+    and added to its buffer as the backward pass reaches it.
+    """
+    batches = calibration_batches(data, "fisher")
+    acc = GradientSum(square=True)
+    total = sum(batch_size(b) for b in batches)
+    acc.scale = 1.0 / total
+    device = _model_device(model)
+    with scoring_mode(model), observing(layers, acc.observer):
+        for b in batches:
+            for example in split_examples(b):
+                _backward_to_values(_loss(model, _to_device(example, device)), layers)
+    return {name: acc.get(name, layer).reshape(-1) for name, layer in layers.items()}
+
+
+@contextlib.contextmanager
+def dense_weights(model: nn.Module, layers: Mapping[str, SparseDeltaLayer]) -> Iterator[list[torch.Tensor]]:
+    """The targeted weights as autograd leaves (deltas merged in), restored after."""
+    merged = [layer for layer in layers.values() if not layer.merged]
+    for layer in merged:
+        layer.merge()  # forward then runs the plain base layer on W + S
+    weights = [layer.weight for layer in layers.values()]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield weights
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+            w.grad = None
+        for layer in merged:
+            layer.unmerge()
+
+
+def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
+                 **_: object) -> dict[str, torch.Tensor]:
+    """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
+    mean loss; H g = d/dw (g_stopped . dL/dw) by double backward, batch by batch."""
+    batches = calibration_batches(data, "grasp")
+    names = list(layers)
+    g_stop = mean_gradient(model, layers, batches)
+    stopped = [g_stop.get(n, layers[n]) for n in names]
+    total = sum(batch_size(b) for b in batches)
+    device = _model_device(model)
+    hg: list[torch.Tensor | None] = [None] * len(names)
+    # The fused attention kernels have no double backward: use the math one here.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with scoring_mode(model), dense_weights(model, layers) as weights, sdpa_kernel([SDPBackend.MATH]):
+        for b in batches:
+            loss = _loss(model, _to_device(b, device)) * (batch_size(b) / total)
+            grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+            z = sum((gr.float() * s).sum() for gr, s in zip(grads, stopped) if gr is not None)
+            del grads
+            if not isinstance(z, torch.Tensor) or not z.requires_grad:
+                continue
+            hvp = torch.autograd.grad(z, weights, allow_unused=True)
+            for i, h in enumerate(hvp):
+                if h is not None:
+                    hg[i] = h.float() if hg[i] is None else hg[i].add_(h.float())
+            del hvp, z
+    del stopped
+    scores = {}
+    for i, name in enumerate(names):
+        h = hg[i] if hg[i] is not None else torch.zeros(layers[name].weight.shape, dtype=torch.float32,
+                                                        device=layers[name].weight.device)
+        scores[name] = h.mul_(_weight(layers[name])).reshape(-1)
+        hg[i] = None
+    return scores
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    return logits
+
+
+def synflow_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, **_: object) -> dict[str, torch.Tensor]:
+    """SynFlow as in SPEFT: every parameter made positive, one forward pass on an all-ones
+    ``inputs_embeds`` of a single token, R = sum of the logits, score |w * dR/dw|.
+
+    Signs are kept as one bool per parameter entry and put back exactly (negation is exact).
+    Nonlinearities are kept (SPEFT's patching of ``torch.nn.functional`` does not reach
+    the activation modules transformers uses either).
+    """
+    if model is None:
+        raise ValueError("synflow needs the model")
+    emb = model.get_input_embeddings()
+    hidden = emb.weight.shape[1]
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    acc = GradientSum()
+    with scoring_mode(model):
+        with torch.no_grad():
+            signs = [torch.signbit(p) for p in params]
+            for p in params:
+                p.abs_()
+        try:
+            ones = torch.ones(1, 1, hidden, dtype=emb.weight.dtype, device=emb.weight.device)
+            with observing(layers, acc.observer):
+                r = _logits(model(inputs_embeds=ones)).float().sum()
+                _backward_to_values(r, layers)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, signs):
+                    p[s] = p[s].neg()
+            del signs
+    scores = {}
+    for name, layer in layers.items():
+        g = acc.get(name, layer)
+        scores[name] = g.mul_(_weight(layer)).abs_().reshape(-1)
+    return scores
+
+
 SCORERS: dict[str, ScoreFn] = {
     "random": random_scores,
     "magnitude": magnitude_scores,
+    "gradient": gradient_scores,
+    "snip": snip_scores,
+    "taylor": taylor_scores,
+    "fisher": fisher_scores,
+    "grasp": grasp_scores,
+    "synflow": synflow_scores,
+    "d3": d3_scores,
 }
 
 

@@ -1,7 +1,7 @@
 """Budgets and top-k rules: how many entries, and which, given per-layer scores.
 
 Scores arrive as one flat float tensor per targeted weight. No tensor larger than the
-largest weight is ever built: the global threshold is found by bisection over the
+largest weight is ever built: the global threshold is found by radix selection over the
 scores' order-preserving integer keys, counting layer by layer.
 """
 from __future__ import annotations
@@ -55,37 +55,59 @@ def allocate_per_layer(sizes: Mapping[str, int], budget: int) -> dict[str, int]:
     return dict(zip(names, shares))
 
 
-def _order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int32 keys with the same order as the float32 scores (NaN counts as lowest)."""
-    s = torch.nan_to_num(scores.detach().float().reshape(-1), nan=float("-inf"))
-    s = s + 0.0  # turns -0.0 into +0.0 so equal scores get equal keys
+def _order_keys(scores: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """int32 keys with the same order as the float32 scores (NaN counts as lowest).
+
+    With ``inplace`` (and a contiguous float32 tensor) the scores' own storage becomes
+    the keys, so no second copy of the scores is built.
+    """
+    s = scores.detach().reshape(-1)
+    if not (inplace and s.dtype == torch.float32 and s.is_contiguous()):
+        s = s.float().clone()
+    s.nan_to_num_(nan=float("-inf"))
+    s.add_(0.0)  # turns -0.0 into +0.0 so equal scores get equal keys
     bits = s.view(torch.int32)
-    return torch.where(bits < 0, bits ^ torch.tensor(0x7FFFFFFF, dtype=torch.int32), bits)
+    neg = bits < 0
+    bits[neg] = bits[neg] ^ 0x7FFFFFFF
+    return bits
 
 
 def _kth_largest_key(key_fn, names, k: int) -> int:
-    """Largest key t with at least k entries >= t, over all layers."""
-    lo, hi = -(2**31), 2**31 - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        count = sum(int((key_fn(n) >= mid).sum()) for n in names)
-        if count >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """The k-th largest key over all layers (radix selection, one byte per pass).
+
+    Four passes over the keys, each building a 256-bin histogram of the next byte among
+    the keys that share the bytes fixed so far; only one layer's temporaries exist at once.
+    """
+    prefix = 0  # the high bytes of the answer, as an unsigned 32-bit number
+    for shift in (24, 16, 8, 0):
+        counts = torch.zeros(256, dtype=torch.int64)
+        for n in names:
+            u = key_fn(n).to(torch.int64) + 2**31  # order-preserving, unsigned
+            if shift < 24:
+                u = u[(u >> (shift + 8)) == prefix]
+            counts += torch.bincount((u >> shift) & 0xFF, minlength=256).cpu()
+            del u
+        from_top = counts.flip(0).cumsum(0)
+        j = int(torch.nonzero(from_top >= k)[0])
+        byte = 255 - j
+        k -= int(from_top[j] - counts[byte])  # entries in higher bins are all above
+        prefix = (prefix << 8) | byte
+    return prefix - 2**31
 
 
-def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str = "global") -> dict[str, torch.Tensor]:
+def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str = "global",
+                consume: bool = False) -> dict[str, torch.Tensor]:
     """Sorted int32 indices of the top-``budget`` entries.
 
     ``global``: one top-k over all layers. ``per-layer``: each layer gets a share of the
     budget proportional to its size. Ties are broken by layer order, then index order.
+    With ``consume``, float32 score tensors are overwritten (they become order keys) and
+    released layer by layer, so selection adds no second copy of the scores.
     """
     names = list(scores)
     if selection == "per-layer":
         shares = allocate_per_layer({n: scores[n].numel() for n in names}, budget)
-        return {n: select_topk({n: scores[n]}, shares[n], "global")[n] for n in names}
+        return {n: select_topk({n: scores[n]}, shares[n], "global", consume)[n] for n in names}
     if selection != "global":
         raise ConfigError(f"unknown selection {selection!r}")
     total = sum(scores[n].numel() for n in names)
@@ -93,17 +115,17 @@ def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str 
         raise ConfigError(f"the budget of {budget:,} entries exceeds the {total:,} candidates")
     if budget <= 0:
         return {n: torch.zeros(0, dtype=torch.int32, device=scores[n].device) for n in names}
-    keys = {n: _order_keys(scores[n]) for n in names}
+    keys = {n: _order_keys(scores[n], inplace=consume) for n in names}
     threshold = _kth_largest_key(keys.__getitem__, names, budget)
-    above = {n: keys[n] > threshold for n in names}
-    ties_left = budget - sum(int(a.sum()) for a in above.values())
+    ties_left = budget - sum(int((keys[n] > threshold).sum()) for n in names)
     chosen = {}
     for n in names:
-        mask = above[n]
+        key = keys.pop(n)
+        mask = key > threshold
         if ties_left > 0:
-            tie_positions = torch.nonzero(keys[n] == threshold).flatten()[:ties_left]
-            mask = mask.clone()
+            tie_positions = torch.nonzero(key == threshold).flatten()[:ties_left]
             mask[tie_positions] = True
             ties_left -= tie_positions.numel()
+        del key
         chosen[n] = torch.nonzero(mask).flatten().to(torch.int32)
     return chosen

@@ -92,6 +92,43 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak resident memory a block adds on top of what was resident when it began.
+
+    Linux only: resets the kernel's high-water mark (``/proc/self/clear_refs``, "5")
+    at the start, then reads ``VmHWM`` at the end. ``extra_mb`` is None where that
+    is not available.
+    """
+
+    def __enter__(self) -> "PeakMemory":
+        self.extra_mb: float | None = None
+        self.start_mb = _proc_status_mb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self._armed = self.start_mb is not None
+        except OSError:
+            self._armed = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = _proc_status_mb("VmHWM") if self._armed else None
+        if peak is not None:
+            self.peak_mb = peak
+            self.extra_mb = max(0.0, peak - self.start_mb)
+
+
 class SparseController:
     """The per-step logic shared by ``train`` and ``SparseCallback``."""
 

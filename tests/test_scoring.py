@@ -1,0 +1,233 @@
+"""Every scorer against a direct, slow reference computed on a plain copy of the model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_bert, build_gpt2, make_batch
+from sparseft import ConfigError, SparseConfig, get_sparse_model
+from sparseft.scoring import SCORERS, compute_scores
+from sparseft.select import resolve_budget, select_topk
+
+BUILDERS = {"bert": build_bert, "gpt2": build_gpt2}
+
+
+def calib_batches(arch: str) -> list[dict]:
+    """Two batches of different sizes (2 and 3 examples), with padding, with labels."""
+    batches = []
+    for size, seed in ((2, 11), (3, 12)):
+        b = make_batch(batch=size, seq=6, seed=seed)
+        if arch == "bert":
+            b["labels"] = torch.arange(size) % 3
+        else:
+            b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        batches.append(b)
+    return batches
+
+
+def wrapped(arch: str, seed: int = 0):
+    """A sparse model with empty index sets, and a plain copy of the same base model."""
+    base = BUILDERS[arch](seed=seed)
+    plain = copy.deepcopy(base)
+    model = get_sparse_model(base, SparseConfig(method="random", num_params=1))
+    model.set_index_sets({n: torch.zeros(0, dtype=torch.int32) for n in model.target_names})
+    return model, plain
+
+
+def plain_weights(plain, names):
+    return [plain.get_submodule(n).weight for n in names]
+
+
+def reference_mean_grad(plain, names, batches, dtype=torch.float32):
+    """sum_b (n_b / N) grad L_b by loss.backward() on the plain model."""
+    plain = copy.deepcopy(plain).to(dtype)
+    weights = plain_weights(plain, names)
+    for w in weights:
+        w.requires_grad_(True)
+    total = sum(b["input_ids"].shape[0] for b in batches)
+    for b in batches:
+        (plain(**b).loss * (b["input_ids"].shape[0] / total)).backward()
+    return plain, [w.grad.detach().clone() for w in weights]
+
+
+def assert_scores_close(got: dict, ref: list, names, rtol=1e-5, atol_frac=1e-6):
+    for name, r in zip(names, ref):
+        r = r.reshape(-1).float()
+        scale = float(r.abs().max()) or 1.0
+        torch.testing.assert_close(got[name], r, rtol=rtol, atol=atol_frac * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("method", ["gradient", "snip", "taylor", "d3"])
+def test_gradient_family_matches_loss_backward_on_a_plain_copy(arch, method):
+    model, plain = wrapped(arch)
+    names = model.target_names
+    batches = calib_batches(arch)
+    eps, expo = 1e-3, 1.5
+    got = compute_scores(method, model.sparse_layers(), model=model, data=batches, d3_epsilon=eps, d3_exponent=expo)
+    plain, grads = reference_mean_grad(plain, names, batches)
+    ref = []
+    for w, g in zip(plain_weights(plain, names), grads):
+        w = w.detach()
+        ref.append({"gradient": g.abs(), "snip": (w * g).abs(), "taylor": (w * g) ** 2,
+                    "d3": g.abs() / (w.abs() + eps) ** expo}[method])
+    assert_scores_close(got, ref, names)
+    # No dense weight gradient was left behind, and nothing else was touched.
+    assert all(layer.weight.grad is None for layer in model.sparse_layers().values())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_d3_with_exponent_zero_is_gradient():
+    model, _ = wrapped("bert")
+    batches = calib_batches("bert")
+    a = compute_scores("d3", model.sparse_layers(), model=model, data=batches, d3_exponent=0.0)
+    b = compute_scores("gradient", model.sparse_layers(), model=model, data=batches)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_fisher_is_mean_of_per_example_squared_gradients(arch):
+    model, plain = wrapped(arch)
+    names = model.target_names
+    batches = calib_batches(arch)
+    got = compute_scores("fisher", model.sparse_layers(), model=model, data=batches)
+    weights = plain_weights(plain, names)
+    for w in weights:
+        w.requires_grad_(True)
+    acc = [torch.zeros_like(w) for w in weights]
+    count = 0
+    for b in batches:  # a Python loop over single examples
+        for i in range(b["input_ids"].shape[0]):
+            example = {k: v[i:i + 1] for k, v in b.items()}
+            for w in weights:
+                w.grad = None
+            plain(**example).loss.backward()
+            for a, w in zip(acc, weights):
+                a += w.grad ** 2
+            count += 1
+    assert_scores_close(got, [a / count for a in acc], names)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_grasp_matches_finite_difference_hessian_gradient_product(arch):
+    """w * (H g): H g from central differences of the float64 gradient along g."""
+    model, plain = wrapped(arch)
+    names = model.target_names
+    batches = calib_batches(arch)
+    got = compute_scores("grasp", model.sparse_layers(), model=model, data=batches)
+    plain64, g = reference_mean_grad(plain, names, batches, torch.float64)
+    h = 1e-4 / max(float(x.abs().max()) for x in g)
+
+    def grad_at(sign):
+        shifted = copy.deepcopy(plain64)
+        with torch.no_grad():
+            for w, d in zip(plain_weights(shifted, names), g):
+                w.add_(sign * h * d)
+        return reference_mean_grad(shifted, names, batches, torch.float64)[1]
+
+    plus, minus = grad_at(+1), grad_at(-1)
+    hg = [(p - m) / (2 * h) for p, m in zip(plus, minus)]
+    ref = [w.detach() * x for w, x in zip(plain_weights(plain64, names), hg)]
+    assert_scores_close(got, ref, names, rtol=2e-3, atol_frac=2e-3)
+    assert all(not layer.weight.requires_grad for layer in model.sparse_layers().values())
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_synflow_matches_positive_copy_and_restores_weights_exactly(arch):
+    model, plain = wrapped(arch)
+    names = model.target_names
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = compute_scores("synflow", model.sparse_layers(), model=model)
+    after = model.state_dict()
+    for k, v in before.items():  # bit for bit, signs of zeros included
+        assert torch.equal(v.view(-1).view(torch.uint8) if v.is_floating_point() else v,
+                           after[k].view(-1).view(torch.uint8) if v.is_floating_point() else after[k]), k
+    positive = copy.deepcopy(plain)
+    with torch.no_grad():
+        for p in positive.parameters():
+            p.abs_()
+    weights = plain_weights(positive, names)
+    for w in weights:
+        w.requires_grad_(True)
+    hidden = positive.get_input_embeddings().weight.shape[1]
+    positive(inputs_embeds=torch.ones(1, 1, hidden)).logits.sum().backward()
+    ref = [(w * w.grad).abs().detach() for w in weights]
+    assert_scores_close(got, ref, names)
+
+
+def test_random_is_seeded_and_magnitude_is_abs_weight():
+    model, plain = wrapped("bert")
+    layers = model.sparse_layers()
+    a = compute_scores("random", layers, seed=3)
+    b = compute_scores("random", layers, seed=3)
+    c = compute_scores("random", layers, seed=4)
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
+    mag = compute_scores("magnitude", layers, order="smallest")
+    for n in model.target_names:
+        assert torch.equal(mag[n], -plain.get_submodule(n).weight.detach().abs().reshape(-1))
+
+
+@pytest.mark.parametrize("method", sorted(SCORERS))
+@pytest.mark.parametrize("selection", ["global", "per-layer"])
+def test_get_sparse_model_selects_the_exact_topk_of_the_scores(method, selection):
+    batches = calib_batches("bert")
+    cfg = SparseConfig(method=method, density=0.05, selection=selection, d3_exponent=1.0)
+    model = get_sparse_model(build_bert(), cfg, calibration_data=batches)
+    ref_model, _ = wrapped("bert")
+    scores = compute_scores(method, ref_model.sparse_layers(), model=ref_model, data=batches, seed=cfg.seed,
+                            order=cfg.magnitude_order, d3_epsilon=cfg.d3_epsilon, d3_exponent=cfg.d3_exponent)
+    expected = select_topk(scores, resolve_budget(cfg, model.target_shapes()), selection)
+    assert model.num_sparse_params() == resolve_budget(cfg, model.target_shapes())
+    for name, layer in model.sparse_layers().items():
+        assert torch.equal(layer.indices, expected[name]), name
+    # Selection leaves the model as it was: eval/train mode, no grads, outputs unchanged.
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_select_consume_gives_the_same_sets_without_a_copy():
+    gen = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randn(500, generator=gen), "b": torch.randn(300, generator=gen).round()}  # many ties in b
+    expected = select_topk(scores, 123, "global")
+    consumed = {k: v.clone() for k, v in scores.items()}
+    got = select_topk(consumed, 123, "global", consume=True)
+    assert all(torch.equal(got[k], expected[k]) for k in scores)
+    flat = torch.cat([scores["a"], scores["b"]])
+    assert torch.equal(torch.sort(flat, descending=True).values[122], torch.cat([scores[k][got[k].long()] for k in "ab"]).min())
+
+
+def test_scoring_restores_training_mode_and_existing_grads():
+    model, _ = wrapped("bert")
+    model.train()
+    head = model.dense_trainable_parameters()[0]
+    head.grad = torch.ones_like(head)
+    compute_scores("gradient", model.sparse_layers(), model=model, data=calib_batches("bert"))
+    assert model.training and torch.equal(head.grad, torch.ones_like(head))
+
+
+def test_calibration_scorers_need_data_with_labels():
+    with pytest.raises(ValueError, match="calibration"):
+        get_sparse_model(build_bert(), SparseConfig(method="gradient"))
+    batch = make_batch()
+    with pytest.raises(ValueError, match="labels"):
+        get_sparse_model(build_bert(), SparseConfig(method="snip"), calibration_data=[batch])
+
+
+@pytest.mark.parametrize("field,value", [("calib_examples", 0), ("update_every", -1), ("d3_exponent", -1.0),
+                                         ("schedule", "sometimes"), ("drop_policy", "keep"), ("score_window", 0)])
+def test_bad_scoring_config(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SparseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("method", ["fisher", "grasp"])
+def test_dynamic_refuses_scorers_that_need_extra_passes(method):
+    with pytest.raises(ConfigError, match="dynamic"):
+        SparseConfig(method=method, schedule="dynamic")
+
+
+def test_config_roundtrip_keeps_new_fields():
+    cfg = SparseConfig(method="d3", schedule="dynamic", update_every=16, score_window=2, drop_policy="zero",
+                       calib_examples=64, d3_epsilon=1e-2, d3_exponent=0.5)
+    assert SparseConfig.from_dict(cfg.to_dict()) == cfg
