@@ -9,15 +9,22 @@ from .config import KNOWN_METHODS, ConfigError, SparseConfig
 from .data import DataError
 from .model import AdapterError
 
+BASELINE_METHODS = ("lora", "full", "shira", "supertuning")  # == baselines.BASELINE_METHODS (no peft import here)
+
 EPILOG = """examples:
   sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
   sparseft eval --adapter runs/x/adapter --task rt-sentiment
+  sparseft train --method lora --lora-rank 8 --out runs/lora8
+  sparseft train --model smollm2 --task rt-gen --method random --match-lora-rank 4 --out runs/gen
+  sparseft sweep grid.yaml && sparseft plot runs/grid/results.jsonl --out runs/grid/plots
 """
 
 
 def _add_data_options(p: argparse.ArgumentParser, task_default: str | None) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--task", default=task_default, help="built-in task: rt-sentiment or bbc-topic (default: %(default)s)")
+    g.add_argument("--task", default=task_default,
+                   help="built-in task: rt-sentiment or bbc-topic (classifiers), bbc-lm or rt-gen (causal LMs, "
+                        "e.g. --model smollm2) (default: %(default)s)")
     g.add_argument("--train-file", help="your own training data (CSV or JSONL); needs --eval-file")
     g.add_argument("--eval-file", help="your own evaluation data (CSV or JSONL)")
     g.add_argument("--text-column", default="text", help="column holding the text (default: %(default)s)")
@@ -26,6 +33,9 @@ def _add_data_options(p: argparse.ArgumentParser, task_default: str | None) -> N
     g.add_argument("--max-eval-examples", type=int, help="cap the validation and test splits")
     g.add_argument("--max-length", type=int, default=64, help="truncate inputs to this many tokens (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    g.add_argument("--prompt-column", help="your own generation data: column holding the prompt (causal LMs)")
+    g.add_argument("--target-column", help="your own generation data: column holding the target answer")
+    g.add_argument("--max-new-tokens", type=int, default=8, help="generation tasks: tokens to decode greedily")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--out", required=True, help="run folder: gets metrics.json and adapter/")
     t.add_argument("--model", default="default",
-                   help="'default' (the embedded all-MiniLM-L6-v2) or a local Hugging Face model folder")
+                   help="'default' (the embedded all-MiniLM-L6-v2), 'smollm2' (SmolLM2-135M-Instruct, "
+                        "converted once from its GGUF to a cache) or a local Hugging Face model folder")
     _add_data_options(t, "rt-sentiment")
     m = t.add_argument_group("sparse method")
-    m.add_argument("--method", default="random", choices=KNOWN_METHODS, help="how entries are chosen")
+    m.add_argument("--method", default="random", choices=KNOWN_METHODS + BASELINE_METHODS,
+                   help="how entries are chosen; lora/full/shira/supertuning are baselines (baselines.py)")
+    m.add_argument("--lora-rank", type=int, help="rank for --method lora or shira (default 8, or from the budget)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
     budget.add_argument("--num-params", type=int, help="absolute number of trained entries")
@@ -81,6 +94,7 @@ def _task_options(ns: argparse.Namespace):
         text_column=ns.text_column, label_column=ns.label_column,
         max_train_examples=ns.max_train_examples, max_eval_examples=ns.max_eval_examples,
         max_length=ns.max_length, batch_size=ns.batch_size,
+        prompt_column=ns.prompt_column, target_column=ns.target_column, max_new_tokens=ns.max_new_tokens,
     )
 
 
@@ -94,8 +108,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .runner import DEFAULT_HEAD_LR, RunSpec, default_lr, run_training
     from .train import TrainingArguments
 
+    baseline = None
+    if ns.method in BASELINE_METHODS:
+        from .baselines import BaselineConfig
+
+        baseline = BaselineConfig(method=ns.method, lora_rank=ns.lora_rank, density=ns.density, num_params=ns.num_params,
+                                  match_lora_rank=ns.match_lora_rank, target_modules=_targets(ns.target_modules),
+                                  seed=ns.seed)
+        ns.density = ns.num_params = ns.match_lora_rank = None
+    elif ns.lora_rank is not None:
+        raise ConfigError("--lora-rank is for --method lora or shira; sparse methods take --match-lora-rank")
     sparse = SparseConfig(
-        method=ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
+        method="random" if baseline else ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
         target_modules=_targets(ns.target_modules), selection=ns.selection,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
     )
@@ -104,10 +128,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
         epochs=ns.epochs, max_steps=ns.max_steps, grad_accum=ns.grad_accum, warmup_ratio=ns.warmup_ratio,
         eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress,
     )
-    metrics = run_training(RunSpec(out=ns.out, model=ns.model, data=_task_options(ns), sparse=sparse, training=training))
+    metrics = run_training(RunSpec(out=ns.out, model=ns.model, data=_task_options(ns), sparse=sparse, training=training,
+                                   baseline=baseline))
+    majority = f"majority {metrics['majority_rate']:.4f}, " if metrics.get("majority_rate") is not None else ""
     print(f"{metrics['task']}: test {metrics['metric']} {metrics['score']:.4f} "
-          f"(majority {metrics['majority_rate']:.4f}, validation {metrics['validation_score']:.4f}) | "
-          f"{metrics['trainable_params']:,} sparse + {metrics['head_params']:,} head params | "
+          f"({majority}validation {metrics['validation_score']:.4f}) | "
+          f"{metrics['trainable_params']:,} trainable + {metrics['head_params']:,} head params | "
           f"{metrics['steps']} steps, {metrics['step_time_s'] * 1000:.0f} ms/step | wrote {ns.out}/metrics.json")
     return 0
 

@@ -37,6 +37,10 @@ class TaskOptions:
     max_length: int = 64
     batch_size: int = 32
     eval_batch_size: int = 128
+    # causal-LM generation tasks from your own files (harness.py / lmtasks.py)
+    prompt_column: str | None = None
+    target_column: str | None = None
+    max_new_tokens: int = 8
 
 
 @dataclass
@@ -46,10 +50,13 @@ class RunSpec:
     data: TaskOptions = field(default_factory=TaskOptions)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
+    baseline: Any = None  # a baselines.BaselineConfig: train LoRA/full/SHiRA/... instead
 
 
 def default_lr(method: str) -> float:
-    return DEFAULT_LR.get(method, FALLBACK_LR)
+    from .baselines import DEFAULT_LR as BASELINE_LR
+
+    return DEFAULT_LR.get(method, BASELINE_LR.get(method, FALLBACK_LR))
 
 
 def load_task(opts: TaskOptions, seed: int) -> TaskData:
@@ -70,6 +77,10 @@ def _evaluate_splits(model, task: TaskData, tokenizer, opts: TaskOptions) -> dic
 
 def run_training(spec: RunSpec) -> dict[str, Any]:
     """Train one sparse fine-tune and write ``<out>/metrics.json`` and ``<out>/adapter/``."""
+    from .harness import is_causal_run, run_experiment
+
+    if spec.baseline is not None or is_causal_run(spec):  # baselines, causal-LM tasks
+        return run_experiment(spec)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     seed = spec.training.seed
