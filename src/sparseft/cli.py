@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
     _add_data_options(e, None)
     e.add_argument("--seed", type=int, help="data split seed (default: the one recorded in the adapter)")
+
+    sw = sub.add_parser("sweep", help="run a grid of methods x budgets x learning rates x seeds (resumes)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sw.add_argument("grid", help="grid file (YAML or JSON): out, base, methods, budgets, lrs, seeds (see sweep.py)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
+
+    pl = sub.add_parser("plot", help="score vs trainable parameters and cost bars (PNG) from a results.jsonl",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("results", help="results.jsonl written by 'sparseft sweep'")
+    pl.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     return parser
 
 
@@ -147,9 +157,25 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    results = run_sweep(ns.grid, dry_run=ns.dry_run)
+    print(f"results: {results}")
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .plot import plot_results
+
+    for path in plot_results(ns.results, ns.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "plot": cmd_plot}
     try:
         return handlers[ns.command](ns)
     except (ConfigError, AdapterError, DataError, ValueError, FileNotFoundError) as err:
