@@ -83,6 +83,11 @@ def test_generation_from_user_files_on_a_tiny_causal_lm(folders, tmp_path, metho
     assert m["metric"] == "exact_match" and 0 <= m["score"] <= 1 and m["majority_rate"] == 0.5
     assert m["head_params"] == 0 and m["trainable_params"] > 0
     assert len(m["test"]["examples"]) == 5 and {"target", "generated", "match"} <= m["test"]["examples"][0].keys()
+    if method == "random":  # a sparse adapter re-scores to the same number
+        from sparseft.runner import evaluate_adapter
+
+        again = evaluate_adapter(str(out / "adapter"))
+        assert again["score"] == m["score"] and again["metric"] == "exact_match"
 
 
 def test_user_generation_file_errors_name_line_and_column(folders, tmp_path, capsys):

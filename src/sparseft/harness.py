@@ -160,3 +160,16 @@ def run_experiment(spec) -> dict[str, Any]:
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "examples"}
+
+
+def evaluate_causal_adapter(adapter: str, opts, model: str, force: bool, seed: int) -> dict[str, Any]:
+    """Re-score a sparse adapter trained on a causal-LM task."""
+    from .model import SparseModel
+    from .runner import RunSpec
+    from .train import TrainingArguments
+
+    setup = _prepare_causal(RunSpec(out="", model=model, data=opts, training=TrainingArguments(seed=seed)))
+    sparse = SparseModel.from_pretrained(setup.base, adapter, force=force)
+    scores = {split: setup.evaluate(sparse, split) for split in ("validation", "test")}
+    return {"adapter": str(adapter), "task": setup.task_name, "metric": setup.metric,
+            "score": scores["test"][setup.metric], **scores}

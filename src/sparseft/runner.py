@@ -148,6 +148,10 @@ def evaluate_adapter(adapter: str, opts: TaskOptions | None = None, model: str |
     if opts is None:
         opts = TaskOptions(**record.get("data", {})) if record.get("data") else TaskOptions()
     seed = record.get("seed", 0) if seed is None else seed
+    from .harness import evaluate_causal_adapter, is_causal_run
+
+    if is_causal_run(RunSpec(out="", data=opts)):  # causal-LM tasks (harness.py)
+        return evaluate_causal_adapter(adapter, opts, model or record.get("model", DEFAULT_MODEL), force, seed)
     task = load_task(opts, seed)
     base, tokenizer, _ = load_classifier(model or record.get("model", DEFAULT_MODEL), task.num_labels)
     sparse = SparseModel.from_pretrained(base, adapter, force=force)
