@@ -160,11 +160,10 @@ def get_baseline_model(base: nn.Module, cfg: BaselineConfig) -> BaselineModel:
     info: dict[str, Any] = {"targeted_weights": targeted, "num_targets": len(names)}
     torch.manual_seed(cfg.seed)
     if cfg.method == "full":
-        skip = output_head_names(base)
-        for name, p in base.named_parameters():
-            # the tied/untied LM output head trains too (it is part of the model); nothing is frozen
+        for p in base.parameters():  # nothing is frozen: embeddings and any LM output head train too
             p.requires_grad_(True)
-        info["note"] = "all parameters trained" + (f" (output head {sorted(skip)} included)" if skip else "")
+        heads_out = sorted(output_head_names(base))
+        info["note"] = "all parameters trained" + (f" (output head {heads_out} included)" if heads_out else "")
         return BaselineModel(base, cfg, names, info)
     peft = _peft()
     if cfg.method == "lora":
