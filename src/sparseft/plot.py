@@ -33,6 +33,9 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         if missing:
             raise DataError(f"{path}, line {line_no}: missing field(s) {missing}")
         rows.append(row)
+    # a run recorded twice (e.g. two sweeps over one folder) counts once: keep the last
+    by_run = {row.get("run", i): row for i, row in enumerate(rows)}
+    rows = list(by_run.values())
     if not rows:
         raise DataError(f"{path} has no results")
     return rows

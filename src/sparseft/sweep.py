@@ -167,14 +167,14 @@ def run_sweep(grid_path: str | Path, dry_run: bool = False, log=print) -> Path:
                 log(f"  failed (exit {code}); see {out / run.name / 'log.txt'}" if isolate else f"  failed (exit {code})")
                 continue
             state = "ran"
-        if run.name not in done:
+        if run.name not in done and not dry_run:  # a dry run writes nothing
             row = _result_row(run, json.loads(metrics_path.read_text()))
             with results.open("a") as fh:
                 fh.write(json.dumps(row, sort_keys=True, default=float) + "\n")
             done.add(run.name)
             if state == "done":
                 log(f"[{i}/{len(runs)}] {run.name}: found metrics.json, added to results.jsonl")
-        elif state == "done":
+        elif state == "done" or dry_run:
             log(f"[{i}/{len(runs)}] {run.name}: done already, skipped")
     if failures:
         raise SweepError(f"{len(failures)} run(s) failed: {', '.join(failures)}; fix and re-run the sweep to resume")
