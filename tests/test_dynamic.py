@@ -155,6 +155,13 @@ def test_adapter_with_broken_fold_record_is_refused(tmp_path):
     key = next(k for k in tensors if k.endswith(".folded_values"))
     del tensors[key]
     save_file(tensors, str(path), metadata={"format": "pt"})
+    import json
+
+    from sparseft.model import CONFIG_NAME, file_sha256
+
+    meta = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = file_sha256(path)  # consistent files: the structural check must catch it
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(sparseft.AdapterError, match="folded"):
         SparseModel.from_pretrained(tiny_bert(0), tmp_path / "a")
 

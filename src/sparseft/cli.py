@@ -10,16 +10,23 @@ from .data import DataError
 from .checkpoint import CheckpointError
 from .model import AdapterError
 
+BASELINE_METHODS = ("lora", "full", "shira", "supertuning")  # == baselines.BASELINE_METHODS (no peft import here)
+
 EPILOG = """examples:
   sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
   sparseft eval --adapter runs/x/adapter --task rt-sentiment
   sparseft train --resume runs/x          # continue from the newest checkpoint
+  sparseft train --method lora --lora-rank 8 --out runs/lora8
+  sparseft train --model smollm2 --task rt-gen --method random --match-lora-rank 4 --out runs/gen
+  sparseft sweep grid.yaml && sparseft plot runs/grid/results.jsonl --out runs/grid/plots
 """
 
 
 def _add_data_options(p: argparse.ArgumentParser, task_default: str | None) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--task", default=task_default, help="built-in task: rt-sentiment or bbc-topic (default: %(default)s)")
+    g.add_argument("--task", default=task_default,
+                   help="built-in task: rt-sentiment or bbc-topic (classifiers), bbc-lm or rt-gen (causal LMs, "
+                        "e.g. --model smollm2) (default: %(default)s)")
     g.add_argument("--train-file", help="your own training data (CSV or JSONL); needs --eval-file")
     g.add_argument("--eval-file", help="your own evaluation data (CSV or JSONL)")
     g.add_argument("--text-column", default="text", help="column holding the text (default: %(default)s)")
@@ -28,6 +35,9 @@ def _add_data_options(p: argparse.ArgumentParser, task_default: str | None) -> N
     g.add_argument("--max-eval-examples", type=int, help="cap the validation and test splits")
     g.add_argument("--max-length", type=int, default=64, help="truncate inputs to this many tokens (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    g.add_argument("--prompt-column", help="your own generation data: column holding the prompt (causal LMs)")
+    g.add_argument("--target-column", help="your own generation data: column holding the target answer")
+    g.add_argument("--max-new-tokens", type=int, default=8, help="generation tasks: tokens to decode greedily")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint, with its recorded settings")
     t.add_argument("--model", default="default",
-                   help="'default' (the embedded all-MiniLM-L6-v2) or a local Hugging Face model folder")
+                   help="'default' (the embedded all-MiniLM-L6-v2), 'smollm2' (SmolLM2-135M-Instruct, "
+                        "converted once from its GGUF to a cache) or a local Hugging Face model folder")
     _add_data_options(t, "rt-sentiment")
     m = t.add_argument_group("sparse method")
-    m.add_argument("--method", default="random", choices=KNOWN_METHODS,
+    m.add_argument("--method", default="random", choices=KNOWN_METHODS + BASELINE_METHODS,
                    help="scorer that chooses the entries: random, magnitude (|w|); from calibration batches: "
                         "gradient (|g|), snip (|w g|), taylor ((w g)^2), d3 (|g|/(|w|+eps)^e), fisher (mean per-example g^2), "
-                        "grasp (w Hg); synflow (data-free path score)")
+                        "grasp (w Hg); synflow (data-free path score). lora/full/shira/supertuning are baselines (baselines.py)")
+    m.add_argument("--lora-rank", type=int, help="rank for --method lora or shira (default 8, or from the budget)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
     budget.add_argument("--num-params", type=int, help="absolute number of trained entries")
@@ -94,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
     _add_data_options(e, None)
     e.add_argument("--seed", type=int, help="data split seed (default: the one recorded in the adapter)")
+
+    sw = sub.add_parser("sweep", help="run a grid of methods x budgets x learning rates x seeds (resumes)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sw.add_argument("grid", help="grid file (YAML or JSON): out, base, methods, budgets, lrs, seeds (see sweep.py)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
+
+    pl = sub.add_parser("plot", help="score vs trainable parameters and cost bars (PNG) from a results.jsonl",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("results", help="results.jsonl written by 'sparseft sweep'")
+    pl.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     return parser
 
 
@@ -105,6 +127,7 @@ def _task_options(ns: argparse.Namespace):
         text_column=ns.text_column, label_column=ns.label_column,
         max_train_examples=ns.max_train_examples, max_eval_examples=ns.max_eval_examples,
         max_length=ns.max_length, batch_size=ns.batch_size,
+        prompt_column=ns.prompt_column, target_column=ns.target_column, max_new_tokens=ns.max_new_tokens,
     )
 
 
@@ -123,8 +146,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if not ns.out:
         raise ValueError("--out is required (or --resume RUN_DIR)")
 
+    baseline = None
+    if ns.method in BASELINE_METHODS:
+        from .baselines import BaselineConfig
+
+        baseline = BaselineConfig(method=ns.method, lora_rank=ns.lora_rank, density=ns.density, num_params=ns.num_params,
+                                  match_lora_rank=ns.match_lora_rank, target_modules=_targets(ns.target_modules),
+                                  seed=ns.seed)
+        ns.density = ns.num_params = ns.match_lora_rank = None
+    elif ns.lora_rank is not None:
+        raise ConfigError("--lora-rank is for --method lora or shira; sparse methods take --match-lora-rank")
     sparse = SparseConfig(
-        method=ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
+        method="random" if baseline else ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
         target_modules=_targets(ns.target_modules), selection=ns.selection,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
         calib_examples=ns.calib_examples, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
@@ -136,14 +169,16 @@ def cmd_train(ns: argparse.Namespace) -> int:
         eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress,
         save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, skip_nonfinite=ns.skip_nonfinite,
     )
-    metrics = run_training(RunSpec(out=ns.out, model=ns.model, data=_task_options(ns), sparse=sparse, training=training))
+    metrics = run_training(RunSpec(out=ns.out, model=ns.model, data=_task_options(ns), sparse=sparse, training=training,
+                                   baseline=baseline))
     return _report(metrics, ns.out)
 
 
 def _report(metrics: dict, out: str) -> int:
+    majority = f"majority {metrics['majority_rate']:.4f}, " if metrics.get("majority_rate") is not None else ""
     print(f"{metrics['task']}: test {metrics['metric']} {metrics['score']:.4f} "
-          f"(majority {metrics['majority_rate']:.4f}, validation {metrics['validation_score']:.4f}) | "
-          f"{metrics['trainable_params']:,} sparse + {metrics['head_params']:,} head params | "
+          f"({majority}validation {metrics['validation_score']:.4f}) | "
+          f"{metrics['trainable_params']:,} trainable + {metrics['head_params']:,} head params | "
           f"{metrics['steps']} steps, {metrics['step_time_s'] * 1000:.0f} ms/step | wrote {out}/metrics.json")
     return 0
 
@@ -157,9 +192,25 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    results = run_sweep(ns.grid, dry_run=ns.dry_run)
+    print(f"results: {results}")
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .plot import plot_results
+
+    for path in plot_results(ns.results, ns.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "plot": cmd_plot}
     try:
         return handlers[ns.command](ns)
     except (ConfigError, AdapterError, DataError, ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:

@@ -38,6 +38,10 @@ class TaskOptions:
     max_length: int = 64
     batch_size: int = 32
     eval_batch_size: int = 128
+    # causal-LM generation tasks from your own files (harness.py / lmtasks.py)
+    prompt_column: str | None = None
+    target_column: str | None = None
+    max_new_tokens: int = 8
 
 
 @dataclass
@@ -47,10 +51,13 @@ class RunSpec:
     data: TaskOptions = field(default_factory=TaskOptions)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
+    baseline: Any = None  # a baselines.BaselineConfig: train LoRA/full/SHiRA/... instead
 
 
 def default_lr(method: str) -> float:
-    return DEFAULT_LR.get(method, FALLBACK_LR)
+    from .baselines import DEFAULT_LR as BASELINE_LR
+
+    return DEFAULT_LR.get(method, BASELINE_LR.get(method, FALLBACK_LR))
 
 
 def load_task(opts: TaskOptions, seed: int) -> TaskData:
@@ -100,6 +107,12 @@ def resume_training(run_dir: str) -> dict[str, Any]:
 
 def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any]:
     """Train one sparse fine-tune and write ``<out>/metrics.json`` and ``<out>/adapter/``."""
+    from .harness import is_causal_run, run_experiment
+
+    if spec.baseline is not None or is_causal_run(spec):  # baselines, causal-LM tasks
+        if resume_from is not None:
+            raise ValueError("--resume supports sparse runs on classification tasks; this run is a baseline or a causal-LM task")
+        return run_experiment(spec)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
@@ -189,6 +202,10 @@ def evaluate_adapter(adapter: str, opts: TaskOptions | None = None, model: str |
     if opts is None:
         opts = TaskOptions(**record.get("data", {})) if record.get("data") else TaskOptions()
     seed = record.get("seed", 0) if seed is None else seed
+    from .harness import evaluate_causal_adapter, is_causal_run
+
+    if is_causal_run(RunSpec(out="", data=opts)):  # causal-LM tasks (harness.py)
+        return evaluate_causal_adapter(adapter, opts, model or record.get("model", DEFAULT_MODEL), force, seed)
     task = load_task(opts, seed)
     base, tokenizer, _ = load_classifier(model or record.get("model", DEFAULT_MODEL), task.num_labels)
     sparse = SparseModel.from_pretrained(base, adapter, force=force)

@@ -1,0 +1,145 @@
+"""``sparseft plot results.jsonl --out dir``: score vs trainable parameters (one line per
+method, min-max band over seeds) and step time / peak memory bars, as PNG; plus
+``summary.md``, the same numbers as a table.
+
+Where a (method, budget) was run at several learning rates, the rate with the best mean
+validation score is used (test scores are never used to choose), and the table says which.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .data import DataError
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"results file not found: {path}")
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from None
+        missing = [k for k in ("method", "score", "trainable_params") if k not in row]
+        if missing:
+            raise DataError(f"{path}, line {line_no}: missing field(s) {missing}")
+        rows.append(row)
+    # a run recorded twice (e.g. two sweeps over one folder) counts once: keep the last
+    by_run = {row.get("run", i): row for i, row in enumerate(rows)}
+    rows = list(by_run.values())
+    if not rows:
+        raise DataError(f"{path} has no results")
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (task, method, budget) at its best learning rate by mean validation score."""
+    groups: dict[tuple, dict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        groups[(row.get("task"), row["method"], row.get("budget", ""))][row.get("lr")].append(row)
+    out = []
+    for (task, method, budget), by_lr in groups.items():
+        higher = next(iter(by_lr.values()))[0].get("higher_is_better", True)
+
+        def key(item):
+            mean = statistics.fmean(r.get("validation_score", r["score"]) for r in item[1])
+            return mean if higher else -mean
+
+        lr, runs = max(by_lr.items(), key=key)
+        scores = [r["score"] for r in runs]
+        out.append({
+            "task": task, "method": method, "budget": budget, "lr": lr, "lrs_tried": sorted(x for x in by_lr if x is not None),
+            "seeds": len(runs), "trainable_params": statistics.fmean(r["trainable_params"] for r in runs),
+            "score_mean": statistics.fmean(scores), "score_min": min(scores), "score_max": max(scores),
+            "validation_mean": statistics.fmean(r.get("validation_score", math.nan) for r in runs),
+            "step_time_s": statistics.median(r.get("step_time_s", math.nan) for r in runs),
+            "peak_rss_mb": statistics.median(r.get("peak_rss_mb", math.nan) for r in runs),
+            "metric": runs[0].get("metric", "score"), "higher_is_better": higher,
+            "majority_rate": runs[0].get("majority_rate"),
+        })
+    return sorted(out, key=lambda e: (str(e["task"]), e["method"], e["trainable_params"]))
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise DataError("plotting needs matplotlib: pip install 'sparseft[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_results(results: str | Path, out: str | Path) -> list[Path]:
+    plt = _pyplot()
+    summary = summarize(read_results(results))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in sorted({str(e["task"]) for e in summary}):
+        entries = [e for e in summary if str(e["task"]) == task]
+        # (1) score vs trainable parameters
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for method in sorted({e["method"] for e in entries}):
+            pts = sorted((e for e in entries if e["method"] == method), key=lambda e: e["trainable_params"])
+            x = [max(e["trainable_params"], 1) for e in pts]
+            line, = ax.plot(x, [e["score_mean"] for e in pts], marker="o", label=method)
+            ax.fill_between(x, [e["score_min"] for e in pts], [e["score_max"] for e in pts], alpha=0.2,
+                            color=line.get_color())
+        majority = entries[0].get("majority_rate")
+        if majority is not None:
+            ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (excluding the task head)")
+        metric = entries[0]["metric"]
+        ax.set_ylabel(f"test {metric}" + ("" if entries[0]["higher_is_better"] else " (lower is better)"))
+        ax.set_title(f"{task}: mean over seeds, band = min-max")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{task}-score-vs-params.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+        # (2) step time and peak memory
+        labels = [f"{e['method']}\n{e['budget']}" for e in entries]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(6.4, 0.7 * len(entries) + 2), 4.0))
+        a1.bar(range(len(entries)), [e["step_time_s"] * 1000 for e in entries], color="tab:blue")
+        a1.set_ylabel("median step time (ms)")
+        a2.bar(range(len(entries)), [e["peak_rss_mb"] for e in entries], color="tab:orange")
+        a2.set_ylabel("peak RSS (MB)")
+        for ax in (a1, a2):
+            ax.set_xticks(range(len(entries)))
+            ax.set_xticklabels(labels, fontsize=7)
+        fig.suptitle(f"{task}: cost per run (median over seeds)")
+        fig.tight_layout()
+        path = out / f"{task}-cost.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    table = out / "summary.md"
+    table.write_text(summary_table(summary))
+    written.append(table)
+    return written
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    lines = ["| task | method | budget | trainable params | lr (best on validation) | seeds | test score mean [min, max] "
+             "| validation mean | step ms | peak RSS MB |", "|" + "---|" * 10]
+    for e in summary:
+        lines.append(
+            f"| {e['task']} | {e['method']} | {e['budget']} | {e['trainable_params']:,.0f} | {e['lr']:g} "
+            f"(of {', '.join(f'{x:g}' for x in e['lrs_tried'])}) | {e['seeds']} | {e['score_mean']:.4f} "
+            f"[{e['score_min']:.4f}, {e['score_max']:.4f}] | {e['validation_mean']:.4f} | {e['step_time_s'] * 1000:.0f} "
+            f"| {e['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"

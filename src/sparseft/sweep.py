@@ -1,0 +1,192 @@
+"""``sparseft sweep grid.yaml``: methods x budgets x learning rates x seeds.
+
+Each run is one ``sparseft train`` command line (in a fresh process by default, so peak
+memory and timings are its own) writing ``<out>/<run>/metrics.json``; every finished run
+is appended to ``<out>/results.jsonl``. A sweep resumes: runs whose metrics.json exists
+are skipped (and added to results.jsonl if missing there).
+
+Grid file (YAML or JSON)::
+
+    out: runs/rt-grid
+    base:                      # any `sparseft train` option, by its long name
+      task: rt-sentiment
+      max_train_examples: 2000
+      max_steps: 60
+    methods: [random, lora, full]
+    budgets:                   # as LoRA-rank equivalents and/or densities
+      - match_lora_rank: 1
+      - density: 0.01
+    lrs: {random: [5e-3, 1e-2], lora: [5e-4], full: [5e-5]}   # or one list for all; omitted: method default
+    seeds: [0, 1]
+    isolate: true              # one process per run (default)
+
+``full`` fine-tuning has no budget and runs once per learning rate and seed. For LoRA
+and SHiRA a ``match_lora_rank`` budget is the rank itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import DataError
+
+BUDGET_KEYS = ("match_lora_rank", "density", "num_params")
+NO_BUDGET = ("full",)
+
+
+class SweepError(ValueError):
+    """Some runs of a sweep failed (the others are kept; re-running resumes)."""
+DROP_FROM_RESULTS = ("history",)
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    budget: dict[str, Any]
+    lr: float | None
+    seed: int
+    argv: list[str]
+
+
+def load_grid(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"grid file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise DataError("reading a YAML grid needs pyyaml (pip install pyyaml), or write the grid as JSON") from None
+        try:
+            grid = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: not valid YAML ({err})") from None
+    else:
+        try:
+            grid = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(grid, dict):
+        raise DataError(f"{path}: a grid is a mapping (methods, budgets, lrs, seeds, base, out)")
+    unknown = sorted(set(grid) - {"out", "base", "methods", "budgets", "lrs", "seeds", "isolate"})
+    if unknown:
+        raise DataError(f"{path}: unknown grid key(s) {unknown}")
+    if "out" not in grid:
+        grid["out"] = str(path.with_suffix(""))
+    if not grid.get("methods"):
+        raise DataError(f"{path}: 'methods' must list at least one method")
+    for budget in grid.get("budgets") or []:
+        if not (isinstance(budget, dict) and len(budget) == 1 and next(iter(budget)) in BUDGET_KEYS):
+            raise DataError(f"{path}: each budget is one of {list(BUDGET_KEYS)} with a value, got {budget!r}")
+    return grid
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    flag = "--" + key.replace("_", "-")
+    if value is True:
+        return [flag]
+    if value is False or value is None:
+        return []
+    return [flag, str(value)]
+
+
+def _budget_label(budget: dict[str, Any]) -> str:
+    if not budget:
+        return "all"
+    key, value = next(iter(budget.items()))
+    return {"match_lora_rank": "r", "density": "d", "num_params": "n"}[key] + f"{value:g}"
+
+
+def expand(grid: dict[str, Any]) -> list[Run]:
+    base = dict(grid.get("base") or {})
+    for key in ("out", "method", "lr", "seed", *BUDGET_KEYS):
+        if key in base:
+            raise DataError(f"'{key}' belongs to the grid axes, not to 'base'")
+    budgets = grid.get("budgets") or [{}]
+    seeds = grid.get("seeds") or [0]
+    lrs = grid.get("lrs")
+    out = Path(grid["out"])
+    runs = []
+    for method in grid["methods"]:
+        method_lrs = lrs.get(method, [None]) if isinstance(lrs, dict) else (lrs or [None])
+        method_budgets = [{}] if method in NO_BUDGET else budgets
+        for budget in method_budgets:
+            for lr in method_lrs:
+                for seed in seeds:
+                    name = f"{method}-{_budget_label(budget)}" + (f"-lr{lr:g}" if lr is not None else "") + f"-s{seed}"
+                    argv = ["train", "--out", str(out / name), "--method", method, "--seed", str(seed), "--no-progress"]
+                    for key, value in budget.items():
+                        argv += _flag(key, value)
+                    if lr is not None:
+                        argv += ["--lr", str(lr)]
+                    for key, value in base.items():
+                        argv += _flag(key, value)
+                    runs.append(Run(name, method, dict(budget), lr, seed, argv))
+    return runs
+
+
+def _result_row(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in metrics.items() if k not in DROP_FROM_RESULTS}
+    row.update(run=run.name, budget=_budget_label(run.budget), budget_spec=run.budget, lr=metrics.get("lr"))
+    return row
+
+
+def run_sweep(grid_path: str | Path, dry_run: bool = False, log=print) -> Path:
+    """Run (or resume) every run of the grid; returns the results.jsonl path."""
+    grid = load_grid(grid_path)
+    runs = expand(grid)
+    out = Path(grid["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = set()
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            if line.strip():
+                done.add(json.loads(line).get("run"))
+    isolate = grid.get("isolate", True)
+    failures = []
+    for i, run in enumerate(runs, 1):
+        metrics_path = out / run.name / "metrics.json"
+        if metrics_path.is_file():
+            state = "done"
+        elif dry_run:
+            log(f"[{i}/{len(runs)}] would run: sparseft {' '.join(run.argv)}")
+            continue
+        else:
+            log(f"[{i}/{len(runs)}] {run.name}")
+            code = _execute(run.argv, isolate, out / run.name)
+            if code != 0 or not metrics_path.is_file():
+                failures.append(run.name)
+                log(f"  failed (exit {code}); see {out / run.name / 'log.txt'}" if isolate else f"  failed (exit {code})")
+                continue
+            state = "ran"
+        if run.name not in done and not dry_run:  # a dry run writes nothing
+            row = _result_row(run, json.loads(metrics_path.read_text()))
+            with results.open("a") as fh:
+                fh.write(json.dumps(row, sort_keys=True, default=float) + "\n")
+            done.add(run.name)
+            if state == "done":
+                log(f"[{i}/{len(runs)}] {run.name}: found metrics.json, added to results.jsonl")
+        elif state == "done" or dry_run:
+            log(f"[{i}/{len(runs)}] {run.name}: done already, skipped")
+    if failures:
+        raise SweepError(f"{len(failures)} run(s) failed: {', '.join(failures)}; fix and re-run the sweep to resume")
+    return results
+
+
+def _execute(argv: list[str], isolate: bool, folder: Path) -> int:
+    if not isolate:
+        from .cli import main
+
+        return main(argv)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "w") as log:
+        return subprocess.call([sys.executable, "-m", "sparseft.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                               env=os.environ.copy())

@@ -1,0 +1,130 @@
+"""Sweeps, plots, causal-LM tasks and user files, end to end on tiny on-disk models (fast)."""
+import json
+
+import pytest
+
+from _tiny import sentiment_rows, tiny_bert_dir, tiny_llama_dir, write_rows
+from sparseft.cli import main
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_bert_dir(d / "bert")
+    tiny_llama_dir(d / "llama")
+    write_rows(d / "train.jsonl", sentiment_rows(48))
+    write_rows(d / "eval.jsonl", sentiment_rows(16, seed=1))
+    return d
+
+
+def test_two_run_sweep_writes_results_resumes_and_plots(folders, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    grid = {"out": str(tmp_path / "out"), "isolate": False, "methods": ["random", "lora"],
+            "budgets": [{"match_lora_rank": 2}], "seeds": [0],
+            "base": {"model": str(folders / "bert"), "train_file": str(folders / "train.jsonl"),
+                     "eval_file": str(folders / "eval.jsonl"), "max_steps": 2, "batch_size": 8}}
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    assert main(["sweep", str(tmp_path / "grid.json")]) == 0
+    results = tmp_path / "out" / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["random", "lora"]
+    assert rows[0]["trainable_params"] == rows[1]["trainable_params"] > 0  # same budget, counted alike
+    assert all(r["steps"] == 2 and "history" not in r for r in rows)
+    # resume: nothing re-runs, nothing is appended twice
+    assert main(["sweep", str(tmp_path / "grid.json")]) == 0
+    assert "done already, skipped" in capsys.readouterr().out
+    assert len(results.read_text().splitlines()) == 2
+    assert main(["plot", str(results), "--out", str(tmp_path / "plots")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert pngs == ["train-cost.png", "train-score-vs-params.png"]
+    assert (tmp_path / "plots" / "train-score-vs-params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| lora | r2 |" in (tmp_path / "plots" / "summary.md").read_text()
+
+
+def test_bad_grid_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "g.json").write_text(json.dumps({"methods": ["random"], "budgets": [{"rank": 3}]}))
+    assert main(["sweep", str(tmp_path / "g.json")]) == 2
+    assert "each budget is one of" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_says_how_to_fix(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    (tmp_path / "r.jsonl").write_text(json.dumps({"method": "random", "score": 0.5, "trainable_params": 3}) + "\n")
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    assert main(["plot", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "p")]) == 2
+    assert "pip install 'sparseft[plot]'" in capsys.readouterr().err
+
+
+def test_bad_results_line_is_named(tmp_path, capsys):
+    (tmp_path / "r.jsonl").write_text(json.dumps({"method": "x", "score": 1, "trainable_params": 1}) + "\n{oops\n")
+    assert main(["plot", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "p")]) == 2
+    assert "line 2: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["random", "lora", "full"])
+def test_generation_from_user_files_on_a_tiny_causal_lm(folders, tmp_path, method):
+    out = tmp_path / method
+    code = main(["train", "--model", str(folders / "llama"), "--train-file", str(folders / "train.jsonl"),
+                 "--eval-file", str(folders / "eval.jsonl"), "--prompt-column", "prompt", "--target-column", "target",
+                 "--max-new-tokens", "2", "--method", method, "--match-lora-rank", "1", "--max-steps", "2",
+                 "--batch-size", "8", "--out", str(out), "--no-progress"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metric"] == "exact_match" and 0 <= m["score"] <= 1 and m["majority_rate"] == 0.5
+    assert m["head_params"] == 0 and m["trainable_params"] > 0
+    assert len(m["test"]["examples"]) == 5 and {"target", "generated", "match"} <= m["test"]["examples"][0].keys()
+    if method == "random":  # a sparse adapter re-scores to the same number
+        from sparseft.runner import evaluate_adapter
+
+        again = evaluate_adapter(str(out / "adapter"))
+        assert again["score"] == m["score"] and again["metric"] == "exact_match"
+
+
+def test_user_generation_file_errors_name_line_and_column(folders, tmp_path, capsys):
+    write_rows(tmp_path / "bad.jsonl", [{"prompt": "a", "target": "b"}, {"prompt": "c", "answer": "d"}])
+    code = main(["train", "--model", str(folders / "llama"), "--train-file", str(tmp_path / "bad.jsonl"),
+                 "--eval-file", str(folders / "eval.jsonl"), "--prompt-column", "prompt", "--target-column", "target",
+                 "--out", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "'target'" in err and "Traceback" not in err
+
+
+def test_lm_blocks_keep_every_token_and_mask_prompts(folders):
+    from transformers import AutoTokenizer
+
+    from sparseft.lmtasks import Pair, encode_training
+
+    tok = AutoTokenizer.from_pretrained(folders / "llama")
+    words = " ".join(["good movie"] * 10)  # 20 tokens + eos
+    blocks = encode_training([Pair("", words, "g")], tok, max_length=8)
+    assert [len(ids) for ids, _ in blocks] == [8, 8, 5] and all(ids == lab for ids, lab in blocks)
+    (ids, labels), = encode_training([Pair("review " + words, "positive", "g")], tok, max_length=6)
+    assert len(ids) == 6 and labels[:-2] == [-100] * 4 and labels[-1] == tok.eos_token_id
+
+
+def test_normalize_answer():
+    from sparseft.lmtasks import normalize_answer
+
+    assert normalize_answer("  Positive.\nbecause") == "positive"
+    assert normalize_answer("") == ""
+
+
+def test_smollm2_missing_package_is_a_clear_error(monkeypatch, tmp_path):
+    from sparseft import pretrained
+    from sparseft.data import DataError
+
+    monkeypatch.setattr(pretrained, "SMOLLM2_PACKAGE", "no_such_package_xyz")
+    with pytest.raises(DataError, match="not installed"):
+        pretrained.smollm2_dir(cache=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
