@@ -16,12 +16,20 @@ class Killed(Exception):
     pass
 
 
-def model_with_dropout(method="random"):
+CONFIGS = {
+    "random-static": dict(method="random"),
+    # windows are steps 2-4, 6-8, 10-12: the step-6 checkpoint holds a partial gradient sum
+    "gradient-dynamic": dict(method="gradient", schedule="dynamic", update_every=4, score_window=3, drop_policy="merge"),
+}
+
+
+def model_with_dropout(kind="random-static"):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, num_labels=2, hidden_dropout_prob=0.1)
+    calibration = list(shuffled_loader(seed=5))[:2]
     return sparseft.get_sparse_model(BertForSequenceClassification(cfg),
-                                     sparseft.SparseConfig(method=method, density=0.1))
+                                     sparseft.SparseConfig(density=0.1, **CONFIGS[kind]), calibration_data=calibration)
 
 
 def shuffled_loader(seed=0):
@@ -52,24 +60,30 @@ def kill_at_forward(model, n):
     return model.register_forward_pre_hook(hook)
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, grad_accum):
+@pytest.mark.parametrize("kind, grad_accum", [("random-static", 1), ("random-static", 2), ("gradient-dynamic", 1),
+                                              ("gradient-dynamic", 2)])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, grad_accum):
     # 12 steps over 5 batches per epoch: the kill and the resume cross epoch boundaries.
-    reference = model_with_dropout()
+    reference = model_with_dropout(kind)
     train(reference, shuffled_loader(), args(grad_accum=grad_accum))
 
-    killed = model_with_dropout()
+    killed = model_with_dropout(kind)
     kill_at_forward(killed, 7 * grad_accum + 1)  # dies during step 8, after the checkpoint of step 6
     with pytest.raises(Killed):
         train(killed, shuffled_loader(), args(grad_accum=grad_accum), checkpoint_dir=str(tmp_path))
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-6"
 
-    resumed = model_with_dropout()
+    resumed = model_with_dropout(kind)
     result = train(resumed, shuffled_loader(), args(grad_accum=grad_accum), checkpoint_dir=str(tmp_path),
                    resume_from=str(ckpt.latest_checkpoint(tmp_path)))
     assert result.steps == 12 and len(result.losses) == 12
     for name, ref in values_of(reference).items():
         assert torch.equal(values_of(resumed)[name], ref), name
+    for (name, a), b in zip(reference.sparse_layers().items(), resumed.sparse_layers().values()):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.weight, b.weight), name  # folds replayed too
+    if kind == "gradient-dynamic":
+        assert resumed.method.updates == reference.method.updates == 3
+        assert reference.num_folded_params() > 0
     head_ref = reference.base_model.classifier.weight
     assert torch.equal(resumed.base_model.classifier.weight, head_ref)
 

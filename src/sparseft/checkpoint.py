@@ -21,12 +21,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import AdapterError, SparseModel, read_adapter
+from .model import AdapterError, SparseModel, _load_tensors, read_adapter
 
 PREFIX = "checkpoint-"
 STATE_NAME = "state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
+METHOD_NAME = "method.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +75,28 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
                 optimizer.state[p] = state
 
 
+def _split_tensors(state: Any, tensors: dict[str, torch.Tensor], path: str = "m") -> Any:
+    """JSON-able copy of a method's state; its tensors move to ``tensors`` by key."""
+    if isinstance(state, torch.Tensor):
+        tensors[path] = state.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(state, dict):
+        return {str(k): _split_tensors(v, tensors, f"{path}.{k}") for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_split_tensors(v, tensors, f"{path}.{i}") for i, v in enumerate(state)]
+    return state
+
+
+def _join_tensors(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(state, dict):
+        if set(state) == {"__tensor__"}:
+            return tensors[state["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_join_tensors(v, tensors) for v in state]
+    return state
+
+
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     py_state = random.getstate()
     return {"torch": torch.get_rng_state()}, {"python": [py_state[0], list(py_state[1]), py_state[2]]}
@@ -108,12 +131,15 @@ def save_checkpoint(
             rng_tensors["epoch_data"] = loop_state["epoch_generator_state"]
         save_file(rng_tensors, str(tmp / RNG_NAME))
         method = getattr(model, "method", None)
+        method_tensors: dict[str, torch.Tensor] = {}
+        method_state = _split_tensors(method.state_dict(), method_tensors) if method is not None else {}
+        save_file(method_tensors, str(tmp / METHOD_NAME))
         state = {
             "step": step,
             "loop": {k: v for k, v in loop_state.items() if k != "epoch_generator_state"},
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "optimizer_groups": opt_groups,
-            "method": method.state_dict() if method is not None else {},
+            "method": method_state,
             "rng": rng_info,
         }
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
@@ -154,23 +180,21 @@ def load_checkpoint(
         meta, tensors = read_adapter(folder / "adapter")
         opt_tensors = load_file(str(folder / OPTIMIZER_NAME))
         rng_tensors = load_file(str(folder / RNG_NAME))
+        method_tensors = load_file(str(folder / METHOD_NAME))
     except (OSError, json.JSONDecodeError, AdapterError, SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {folder} cannot be read: {err}") from None
     layers = model.sparse_layers()
     if set(meta["targets"]) != set(layers):
         raise CheckpointError(f"checkpoint {folder} targets other modules than this model")
-    for name, layer in layers.items():
-        layer.set_indices(tensors[f"{name}.indices"], tensors[f"{name}.values"].to(layer.values.dtype))
-    for head in model.modules_to_save:
-        prefix = f"modules_to_save.{head}."
-        model.base_model.get_submodule(head).load_state_dict(
-            {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    for layer in layers.values():
+        layer.restore_base()  # folds are replayed from the checkpoint's record onto W0
+    _load_tensors(model, tensors)
     _restore_optimizer(optimizer, opt_tensors, state["optimizer_groups"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     method = getattr(model, "method", None)
     if method is not None:
-        method.load_state_dict(state["method"])
+        method.load_state_dict(_join_tensors(state["method"], method_tensors))
     _restore_rng(rng_tensors, state["rng"])
     if generator is not None and "data" in rng_tensors:
         generator.set_state(rng_tensors["data"])

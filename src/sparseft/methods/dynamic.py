@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import GRADIENT_METHODS
+from ..distributed import all_reduce_mean_
 from ..scoring import GradientSum, compute_scores, scores_from_gradient
 from ..select import resolve_budget, select_topk
 from .base import Method
@@ -40,10 +41,11 @@ class DynamicMask(Method):
         return (step - 1) % u >= u - w
 
     def on_step_begin(self, step: int, model: Any) -> None:
-        if self.config.method not in GRADIENT_METHODS or not self.in_window(step) or self._grads is not None:
+        if self.config.method not in GRADIENT_METHODS or not self.in_window(step):
             return
-        self._grads = GradientSum()
-        for name, layer in model.sparse_layers().items():
+        if self._grads is None:
+            self._grads = GradientSum()
+        for name, layer in model.sparse_layers().items():  # (re-)arming is idempotent, e.g. after a resume
             layer.grad_observer = self._grads.observer(name)
 
     def _disarm(self, model: Any) -> None:
@@ -60,6 +62,7 @@ class DynamicMask(Method):
             grads, self._grads = self._grads, None
             if grads is None or not grads.buffers:
                 return  # no window seen since the last update (e.g. training resumed here)
+            all_reduce_mean_(grads.buffers)  # every rank scores the same window: identical index sets
             scores = scores_from_gradient(cfg.method, layers, grads, cfg.d3_epsilon, cfg.d3_exponent)
         else:
             scores = compute_scores(cfg.method, layers, model=model, seed=cfg.seed + self.updates + 1,
@@ -71,8 +74,15 @@ class DynamicMask(Method):
         self.history.append({"step": step, "moved": sum(dropped.values())})
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "history": list(self.history)}
+        state = {"updates": self.updates, "history": list(self.history)}
+        if self._grads is not None:  # a checkpoint inside a scoring window keeps the partial sums
+            state["window_grads"] = dict(self._grads.buffers)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = int(state.get("updates", 0))
         self.history = list(state.get("history", []))
+        self._grads = None
+        if "window_grads" in state:
+            self._grads = GradientSum()
+            self._grads.buffers = dict(state["window_grads"])
