@@ -14,7 +14,9 @@ class ConfigError(ValueError):
 
 # Methods that pick their index set once, before training, from the weights alone.
 STATIC_METHODS = ("random", "magnitude")
-KNOWN_METHODS = STATIC_METHODS
+# Methods whose index set changes during training (methods/id3.py, dst.py, grow_drop.py).
+TRAINING_TIME_METHODS = ("id3", "dst", "grow-drop")
+KNOWN_METHODS = STATIC_METHODS + TRAINING_TIME_METHODS
 SELECTIONS = ("global", "per-layer")
 MAGNITUDE_ORDERS = ("largest", "smallest")
 BACKENDS = ("auto", "sampled_addmm", "gather")
@@ -42,6 +44,15 @@ class SparseConfig:
     modules_to_save: list[str] = field(default_factory=list)
     train_bias: bool = False
     backend: str = "auto"
+    # ID3: unmask every ``unmask_every`` optimizer steps (same total budget), choosing by the
+    # d3 score |g| / (|w| + d3_epsilon) ** d3_exponent.
+    unmask_every: int = 1
+    d3_epsilon: float = 1e-3
+    d3_exponent: float = 0.0
+    # grow-drop (SpIEL): every ``grow_drop_every`` steps swap a fraction of the entries,
+    # starting at ``grow_drop_fraction`` and decaying (cosine) to zero over training.
+    grow_drop_every: int = 20
+    grow_drop_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +91,21 @@ class SparseConfig:
             self.target_modules = list(self.target_modules)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("unmask_every", "grow_drop_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("d3_epsilon", "d3_exponent"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+        if self.d3_exponent > 0 and self.d3_epsilon == 0:
+            raise ConfigError("d3_epsilon must be positive when d3_exponent > 0 (it guards |w| = 0)")
+        f = self.grow_drop_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ConfigError(f"grow_drop_fraction must be in [0, 1], got {f!r}")
+        self.grow_drop_fraction = float(f)
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class TrainResult:
     tokens: int = 0
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    mean_active_entries: float | None = None  # entries trained per step, averaged over steps
 
     @property
     def median_step_time(self) -> float:
@@ -89,16 +90,50 @@ def peak_rss_mb() -> float:
 
 
 class SparseController:
-    """The per-step logic shared by ``train`` and ``SparseCallback``."""
+    """The per-step logic shared by ``train`` and ``SparseCallback``.
+
+    Order within optimizer step ``t`` (1-based): ``before_optimizer_step(t)`` (before the
+    forward/backward passes), ``before_update(t)`` (gradients ready, before clipping and
+    the optimizer step), ``after_optimizer_step(t)``. ``train_begin(total_steps)`` and
+    ``train_end()`` bracket the run. The controller also counts the entries trained at each
+    step (``mean_active_entries``).
+    """
 
     def __init__(self, model: Any, optimizer: Any = None):
         self.model = model
         self.optimizer = optimizer
+        self.active_counts: list[int] = []
+
+    @property
+    def method(self) -> Any:
+        return getattr(self.model, "method", None)
+
+    def train_begin(self, total_steps: int | None, optimizer: Any = None) -> None:
+        self.active_counts = []
+        if self.method is not None:
+            self.method.on_train_begin(total_steps, self.model)
 
     def before_optimizer_step(self, step: int) -> None:
         method = getattr(self.model, "method", None)
         if method is not None:
             method.on_step_begin(step, self.model)
+
+    def before_update(self, step: int, optimizer: Any = None) -> None:
+        method = self.method
+        if method is not None:
+            method.on_before_update(step, self.model, optimizer or self.optimizer)
+            self.active_counts.append(int(method.active_entries(self.model)))
+        elif hasattr(self.model, "num_sparse_params"):
+            self.active_counts.append(int(self.model.num_sparse_params()))
+
+    @property
+    def mean_active_entries(self) -> float | None:
+        """Average over optimizer steps of the number of entries trained at that step."""
+        return sum(self.active_counts) / len(self.active_counts) if self.active_counts else None
+
+    def train_end(self, optimizer: Any = None) -> None:
+        if self.method is not None:
+            self.method.on_train_end(self.model, optimizer or self.optimizer)
 
     def after_optimizer_step(self, step: int, batch: Any = None, optimizer: Any = None) -> None:
         method = getattr(self.model, "method", None)
@@ -144,6 +179,7 @@ def train(
     bar = tqdm(total=total, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     started = time.perf_counter()
     micro, step_loss, step_start, eval_seconds = 0, 0.0, time.perf_counter(), 0.0
+    controller.train_begin(total)
     while result.steps < total:
         for batch in train_loader:
             batch = _to_device(batch, device)
@@ -158,6 +194,7 @@ def train(
             micro += 1
             if micro % args.grad_accum:
                 continue
+            controller.before_update(result.steps + 1)
             if args.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
@@ -182,7 +219,9 @@ def train(
         if micro == 0:
             raise ValueError("the training data is empty")
     bar.close()
+    controller.train_end()
     result.train_seconds = time.perf_counter() - started - eval_seconds
+    result.mean_active_entries = controller.mean_active_entries
     model.eval()
     return result
 
@@ -203,6 +242,20 @@ class SparseCallback(TrainerCallback):
 
     def __init__(self, model: Any):
         self.controller = SparseController(model)
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.controller.train_begin(state.max_steps, optimizer)
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # The Trainer clips gradients before this event: gradients that a method adds here
+        # (ID3's newly unmasked entries) are not clipped on that step.
+        self.controller.before_update(state.global_step + 1, optimizer)
+        return control
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        self.controller.train_end(optimizer)
+        return control
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.controller.before_optimizer_step(state.global_step + 1)

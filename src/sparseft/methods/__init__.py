@@ -12,6 +12,11 @@ from .static import StaticMask
 
 
 def get_method(config: SparseConfig) -> Method:
+    from .id3 import ID3
+
+    training_time = {"id3": ID3}
+    if config.method in training_time:
+        return training_time[config.method](config)
     return StaticMask(config)
 
 
