@@ -13,9 +13,10 @@ from .static import StaticMask
 
 def get_method(config: SparseConfig) -> Method:
     from .dst import DST
+    from .grow_drop import GrowDrop
     from .id3 import ID3
 
-    training_time = {"id3": ID3, "dst": DST}
+    training_time = {"id3": ID3, "dst": DST, "grow-drop": GrowDrop}
     if config.method in training_time:
         return training_time[config.method](config)
     return StaticMask(config)
