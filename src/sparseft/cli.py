@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default' (the embedded all-MiniLM-L6-v2) or a local Hugging Face model folder")
     _add_data_options(t, "rt-sentiment")
     m = t.add_argument_group("sparse method")
-    m.add_argument("--method", default="random", choices=KNOWN_METHODS, help="how entries are chosen")
+    m.add_argument("--method", default="random", choices=KNOWN_METHODS,
+                   help="how entries are chosen: random/magnitude (static masks); id3 (incremental unmasking "
+                        "by d3, B/2 entries trained on average); dst (dynamic subset tuning: dense update, then "
+                        "keep the top density*|matrix| changes per matrix; dense memory while training); "
+                        "grow-drop (SpIEL-style swaps every --grow-drop-every steps)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
     budget.add_argument("--num-params", type=int, help="absolute number of trained entries")
@@ -52,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--selection", default="global", choices=["global", "per-layer"], help="one top-k over all targets, or a share per layer")
     m.add_argument("--magnitude-order", default="largest", choices=["largest", "smallest"], help="for --method magnitude")
     m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
+    m.add_argument("--unmask-every", type=int, default=1,
+                   help="id3: unmask every K optimizer steps (same total budget; fewer dense-gradient steps)")
+    m.add_argument("--d3-epsilon", type=float, default=1e-3, help="id3: eps in d3 = |g| / (|w| + eps)^e")
+    m.add_argument("--d3-exponent", type=float, default=0.0, help="id3: e in d3 (0: plain |g|)")
+    m.add_argument("--grow-drop-every", type=int, default=20, help="grow-drop: swap entries every N steps")
+    m.add_argument("--grow-drop-fraction", type=float, default=0.2,
+                   help="grow-drop: fraction swapped at the start, decaying (cosine) to 0")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="learning rate of the sparse values (default: per method, 5e-3 for random)")
     o.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: 2e-3)")
@@ -98,6 +109,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         method=ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
         target_modules=_targets(ns.target_modules), selection=ns.selection,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
+        unmask_every=ns.unmask_every, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
+        grow_drop_every=ns.grow_drop_every, grow_drop_fraction=ns.grow_drop_fraction,
     )
     training = TrainingArguments(
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,

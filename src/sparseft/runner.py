@@ -20,7 +20,7 @@ from .tasks import TaskData, evaluate_classifier, get_task, majority_rate, make_
 from .train import TrainingArguments, peak_rss_mb, train
 
 # Random masking needs a much larger rate than full fine-tuning (Xu & Zhang 2024).
-DEFAULT_LR = {"random": 5e-3, "magnitude": 5e-3}
+DEFAULT_LR = {"random": 5e-3, "magnitude": 5e-3, "id3": 5e-3, "dst": 5e-3, "grow-drop": 5e-3}
 FALLBACK_LR = 2e-3
 DEFAULT_HEAD_LR = 2e-3
 
@@ -99,6 +99,9 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
         "validation": scores["validation"],
         "majority_rate": majority_rate(task.test),
         "trainable_params": summary["sparse_params"],
+        # entries trained per optimizer step, averaged over steps (static: = the budget;
+        # ID3: about half of it; DST: every entry of the tuned matrices)
+        "mean_active_entries": result.mean_active_entries,
         "head_params": summary["head_params"],
         "targeted_weights": summary["targeted_weights"],
         "density": summary["density"],
