@@ -189,3 +189,65 @@ def test_id3_needs_the_planned_number_of_steps():
     model = id3_model()
     with pytest.raises(RuntimeError, match="on_train_begin"):
         model.method.on_step_begin(1, model)
+
+
+def test_id3_sparsifies_a_peft_lora_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    from sparseft.methods.id3 import LORA_TARGETS
+
+    lora = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["query", "value"],
+                                                            lora_dropout=0.0))
+    frozen = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    budget, total = 37, 6
+    model = sparseft.get_sparse_model(lora, sparseft.SparseConfig(method="id3", num_params=budget,
+                                                                    target_modules=LORA_TARGETS))
+    assert model.target_names and all(".lora_A." in n or ".lora_B." in n for n in model.target_names)
+    assert model.num_targeted_weights() == 2 * 4 * (16 + 16)  # query, value x (A: 4x16, B: 16x4)
+    snaps = record_steps(model)
+    train(model, toy_batches(total), TrainingArguments(lr=1e-2, max_steps=total, warmup_ratio=0.0, progress=False))
+    expected = torch.tensor(unmask_schedule(total, budget)).cumsum(0).tolist()
+    assert [sum(s.numel() for s in sets.values()) for _, sets in snaps] == expected
+    # the trained adapter differs from its initial LoRA weights in exactly B entries
+    changed = 0
+    for name, layer in model.sparse_layers().items():
+        changed += int((layer.values.detach() != 0).sum())
+    assert 0 < changed <= budget and model.num_sparse_params() == budget
+    # the LoRA matrices themselves (and the base model) were never written to
+    for n, p in model.base_model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    model.save_pretrained(tmp_path / "sparse-lora")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "sparse-lora" / "adapter_model.safetensors"))
+    assert sum(v.numel() for k, v in saved.items() if k.endswith(".values")) == budget
+
+
+def test_id3_under_the_transformers_trainer(tmp_path):
+    from transformers import Trainer
+    from transformers import TrainingArguments as HFArgs
+
+    from sparseft.train import SparseCallback, create_optimizer
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    rows = [{k: v[i] for k, v in b.items()} for b in toy_batches(4) for i in range(8)]
+    budget = 22
+    model = id3_model(num_params=budget)
+    snaps = record_steps(model)
+    callback = SparseCallback(model)
+    hf_args = HFArgs(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, report_to=[],
+                     save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=hf_args, train_dataset=Rows(rows), optimizers=(create_optimizer(model, 1e-2), None),
+            callbacks=[callback]).train()
+    assert [sum(s.numel() for s in sets.values()) for _, sets in snaps] == [6, 12, 17, 22]
+    assert callback.controller.mean_active_entries == pytest.approx((6 + 12 + 17 + 22) / 4)
+    assert any(bool((l.values.detach() != 0).any()) for l in model.sparse_layers().values())

@@ -101,6 +101,9 @@ class SparseModel(nn.Module):
         """Give layers new index sets. Entries present before and after keep their values
         (and, with a ``SparseAdamW``, their optimizer state); new entries start at zero."""
         layers = self.sparse_layers()
+        # transformers/accelerate wrap the optimizer (AcceleratedOptimizer): find ours.
+        while optimizer is not None and not hasattr(optimizer, "remap_entries") and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
         for name, new_idx in index_sets.items():
             layer = layers[name]
             new_idx = validate_indices(new_idx, layer.weight.numel()).to(layer.indices.device)

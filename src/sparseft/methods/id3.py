@@ -32,6 +32,14 @@ from ..select import resolve_budget
 from .base import Method
 
 
+# target_modules for a peft LoRA model: the LoRA A/B matrices of every adapter. With it,
+# ID3 (or any method) trains a sparse subset of the adapter's entries: each lora_A/lora_B
+# Linear gets a sparse delta on top of its initial weights (A random, B zero), so the
+# saved sparse adapter holds deltas relative to the LoRA initialisation (rebuild the peft
+# model with the same seed, or keep its initial weights, to load it).
+LORA_TARGETS = r".*\.lora_[AB]\.[^.]+"
+
+
 def unmask_schedule(total_steps: int, budget: int, every: int = 1) -> list[int]:
     """Entries unmasked at each optimizer step 1..T (zeros between events); sums to B."""
     if total_steps < 1 or every < 1 or budget < 0:
