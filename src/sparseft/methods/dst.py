@@ -19,8 +19,8 @@ Budget and rounding: the total budget B (``density``/``num_params``/``match_lora
 ``resolve_budget``: round(density x targeted weights), at least 1) is split over silos in
 proportion to their sizes with largest-remainder rounding (``allocate_per_layer``), so
 each silo's k_s is floor or ceil of B·|silo|/total and the k_s sum to B exactly. At
-density 1e-7 on MiniLM (21.2 M targeted weights) that is B = 2: two silos get one entry,
-the others none. At density 1.0 nothing is ever reset: DST is then full fine-tuning of
+density 1e-7 on MiniLM (10.8 M targeted weights, all-linear) that is B = 1: one silo gets
+one entry, the others none. At density 1.0 nothing is ever reset: DST is then full fine-tuning of
 the targeted matrices (step for step, with weight decay acting on the delta).
 
 Ties in |theta' - theta0| go to the lower flat index. Optimizer state of reset entries
