@@ -147,3 +147,24 @@ def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_model_dir, c
     assert main(_tiny_train_args(tiny_model_dir, csv_files, tmp_path / "run", "--max-steps", "2")) == 0
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@needs_offline_data
+@pytest.mark.parametrize("method,task", [("id3", "bbc-topic"), ("dst", "bbc-topic"), ("grow-drop", "rt-sentiment")])
+def test_training_time_methods_run_from_the_cli(tmp_path, method, task):
+    out = tmp_path / method
+    code = main(["train", "--task", task, "--method", method, "--density", "0.001", "--max-steps", "3",
+                 "--max-train-examples", "64", "--max-eval-examples", "40", "--max-length", "32",
+                 "--batch-size", "8", "--grow-drop-every", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    budget = round(0.001 * metrics["targeted_weights"])
+    assert metrics["steps"] == 3 and metrics["mean_active_entries"] > 0
+    if method == "dst":
+        assert metrics["trainable_params"] <= budget
+        assert metrics["mean_active_entries"] == metrics["targeted_weights"]
+    else:
+        assert metrics["trainable_params"] == budget
+    if method == "id3":
+        assert metrics["mean_active_entries"] == pytest.approx(budget * 2 / 3, abs=1)

@@ -58,9 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(t, "rt-sentiment")
     m = t.add_argument_group("sparse method")
     m.add_argument("--method", default="random", choices=KNOWN_METHODS + BASELINE_METHODS,
-                   help="scorer that chooses the entries: random, magnitude (|w|); from calibration batches: "
-                        "gradient (|g|), snip (|w g|), taylor ((w g)^2), d3 (|g|/(|w|+eps)^e), fisher (mean per-example g^2), "
-                        "grasp (w Hg); synflow (data-free path score). lora/full/shira/supertuning are baselines (baselines.py)")
+                   help="how entries are chosen. Scorers (static, or moving with --schedule dynamic): random, "
+                        "magnitude (|w|); from calibration batches: gradient (|g|), snip (|w g|), taylor ((w g)^2), "
+                        "d3 (|g|/(|w|+eps)^e), fisher (mean per-example g^2), grasp (w Hg); synflow (data-free path "
+                        "score). Training-time methods: id3 (incremental unmasking by d3, B/2 entries trained on "
+                        "average); dst (dynamic subset tuning: dense update, then keep the top density*|matrix| "
+                        "changes per matrix; dense memory while training); grow-drop (SpIEL-style swaps every "
+                        "--grow-drop-every steps). Baselines: lora, full, shira, supertuning (baselines.py)")
     m.add_argument("--lora-rank", type=int, help="rank for --method lora or shira (default 8, or from the budget)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--calib-examples", type=int, default=1024,
                    help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
                         "order, capped by its size)")
-    m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e")
+    m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
     m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
     m.add_argument("--schedule", default="static", choices=list(SCHEDULES),
                    help="static: choose once before training; dynamic: rescore every --update-every steps")
@@ -83,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--drop-policy", default="merge", choices=list(DROP_POLICIES),
                    help="dynamic: fold dropped entries into the base weight (merge, recorded in the adapter) or discard them")
     m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
+    m.add_argument("--unmask-every", type=int, default=1,
+                   help="id3: unmask every K optimizer steps (same total budget; fewer dense-gradient steps)")
+    m.add_argument("--grow-drop-every", type=int, default=20, help="grow-drop: swap entries every N steps")
+    m.add_argument("--grow-drop-fraction", type=float, default=0.2,
+                   help="grow-drop: fraction swapped at the start, decaying (cosine) to 0")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="learning rate of the sparse values (default: 5e-3 for every scorer; "
                                              "random masking needs a much larger rate than full fine-tuning)")
@@ -162,6 +171,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
         calib_examples=ns.calib_examples, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
         schedule=ns.schedule, update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy,
+        unmask_every=ns.unmask_every, grow_drop_every=ns.grow_drop_every, grow_drop_fraction=ns.grow_drop_fraction,
     )
     training = TrainingArguments(
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,

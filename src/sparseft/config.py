@@ -15,8 +15,12 @@ class ConfigError(ValueError):
 # Scorers (DESIGN.md section 5). The first two need no data; the gradient-based ones read
 # calibration batches; synflow needs no data but a forward/backward pass.
 DATA_FREE_METHODS = ("random", "magnitude")
+STATIC_METHODS = DATA_FREE_METHODS
 GRADIENT_METHODS = ("gradient", "snip", "taylor", "d3")
-KNOWN_METHODS = ("random", "magnitude", "gradient", "snip", "taylor", "fisher", "grasp", "synflow", "d3")
+SCORER_METHODS = ("random", "magnitude", "gradient", "snip", "taylor", "fisher", "grasp", "synflow", "d3")
+# Methods whose index set changes during training by their own rule (methods/id3.py, dst.py, grow_drop.py).
+TRAINING_TIME_METHODS = ("id3", "dst", "grow-drop")
+KNOWN_METHODS = SCORER_METHODS + TRAINING_TIME_METHODS
 # Scorers that need calibration batches at selection time.
 CALIBRATION_METHODS = ("gradient", "snip", "taylor", "fisher", "grasp", "d3")
 # Dynamic rescoring reads the dense gradient of ordinary training steps; fisher (per-example
@@ -63,6 +67,12 @@ class SparseConfig:
     update_every: int = 128
     score_window: int = 8
     drop_policy: str = "merge"
+    # ID3: unmask every ``unmask_every`` optimizer steps (same total budget), by the d3 score.
+    unmask_every: int = 1
+    # grow-drop (SpIEL): every ``grow_drop_every`` steps swap a fraction of the entries,
+    # starting at ``grow_drop_fraction`` and decaying (cosine) to zero over training.
+    grow_drop_every: int = 20
+    grow_drop_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,13 +111,13 @@ class SparseConfig:
             self.target_modules = list(self.target_modules)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("calib_examples", "update_every", "score_window"):
+        for name in ("calib_examples", "update_every", "score_window", "unmask_every", "grow_drop_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("d3_epsilon", "d3_exponent"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
             setattr(self, name, float(value))
         if self.d3_exponent > 0 and self.d3_epsilon == 0:
@@ -124,6 +134,10 @@ class SparseConfig:
                 )
             if self.score_window > self.update_every:
                 raise ConfigError(f"score_window ({self.score_window}) must not exceed update_every ({self.update_every})")
+        f = self.grow_drop_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ConfigError(f"grow_drop_fraction must be in [0, 1], got {f!r}")
+        self.grow_drop_fraction = float(f)
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

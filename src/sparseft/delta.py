@@ -41,6 +41,16 @@ class IndexLayout:
 
     def __init__(self, indices: torch.Tensor, weight_shape: torch.Size):
         rows_n, cols_n = weight_shape
+        self.weight_shape = (rows_n, cols_n)
+        self.numel = int(indices.numel())
+        self.device = indices.device
+        # A full index (sorted, unique, as many as the weight's entries) is 0..n-1: the
+        # values' gradient is then the dense weight gradient itself, one matmul, and the
+        # row/column buffers (16 bytes per entry) are not built. Dense-silo methods (DST)
+        # use this.
+        self.full = self.numel == rows_n * cols_n and self.numel > 0
+        if self.full:
+            return
         flat = indices.long()
         self.rows = flat // cols_n
         self.cols = flat % cols_n
@@ -49,8 +59,6 @@ class IndexLayout:
         crow[1:] = counts.cumsum(0)
         self.crow = crow
         self.col = self.cols.to(torch.int32)
-        self.weight_shape = (rows_n, cols_n)
-        self.numel = int(indices.numel())
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +72,9 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
     """
     if layout.numel == 0:
         return row_factor.new_zeros(0)
+    if layout.full:
+        # Every entry is indexed, in flat order: the dense weight gradient is the answer.
+        return row_factor.t().matmul(col_factor).reshape(-1)
     tokens = row_factor.shape[0]
     if backend == "auto":
         backend = "gather" if tokens * layout.numel <= GATHER_AUTO_LIMIT else "sampled_addmm"
@@ -99,7 +110,9 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
 def effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """W + scatter(indices, values), in a fresh buffer (W itself is never touched)."""
     merged = weight.detach().clone()
-    if values.numel():
+    if values.numel() == weight.numel():
+        merged.view(-1).add_(values.detach().to(weight.dtype))  # a full index is 0..n-1 (validated)
+    elif values.numel():
         merged.view(-1).index_add_(0, indices, values.detach().to(weight.dtype))
     return merged
 
@@ -204,14 +217,11 @@ class SparseDeltaLayer(nn.Module):
         elif values.shape != indices.shape:
             raise ValueError(f"values has {values.numel()} entries for {indices.numel()} indices")
         self.indices = indices
-        dtype = self.values.dtype
-        if values.shape != self.values.shape:
-            # Autograd caches a leaf's gradient accumulator, and the shape it expects, for
-            # as long as any earlier graph through it is alive (a loop still holding last
-            # step's loss); ``set_data`` drops it only on a dtype change, so pass through one.
-            other = torch.float64 if dtype != torch.float64 else torch.float32
-            self.values.data = torch.zeros(0, dtype=other, device=device)
-        self.values.data = values.detach().to(device=device, dtype=dtype).clone()
+        # ``set_`` (not ``.data =``): a graph from the last step (e.g. a loss still referenced)
+        # keeps the old gradient accumulator alive, and with ``.data =`` it would keep
+        # expecting the old size when the number of entries changes.
+        with torch.no_grad():
+            self.values.set_(values.detach().to(device=device, dtype=self.values.dtype).clone())
         self.values.grad = None
         self._layout = None
 
@@ -273,7 +283,7 @@ class SparseDeltaLayer(nn.Module):
 
     @property
     def layout(self) -> IndexLayout:
-        if self._layout is None or self._layout.crow.device != self.indices.device:
+        if self._layout is None or self._layout.device != self.indices.device:
             self._layout = IndexLayout(self.indices, self.weight.shape)
         return self._layout
 

@@ -7,6 +7,8 @@ when the index set of a sparse delta changes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -54,6 +56,15 @@ class SparseAdamW(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                first = step.view(-1)[:1]
+                if step.numel() and bool((step == first).all()):
+                    # Every entry has the same age (static masks, dense silos): torch's own
+                    # AdamW arithmetic with scalar bias corrections, no per-entry pow.
+                    t = float(first)
+                    bias_c2_sqrt = math.sqrt(1 - beta2 ** t)
+                    denom = (exp_avg_sq.sqrt() / bias_c2_sqrt).add_(eps)
+                    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** t))
+                    continue
                 bias_c1 = 1 - torch.pow(beta1, step.double())
                 bias_c2_sqrt = (1 - torch.pow(beta2, step.double())).sqrt()
                 denom = (exp_avg_sq.double().sqrt() / bias_c2_sqrt).add_(eps)

@@ -148,6 +148,9 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
         "validation": scores["validation"],
         "majority_rate": majority_rate(task.test),
         "trainable_params": summary["sparse_params"],
+        # entries trained per optimizer step, averaged over steps (static: = the budget;
+        # ID3: about half of it; DST: every entry of the tuned matrices)
+        "mean_active_entries": result.mean_active_entries,
         "head_params": summary["head_params"],
         "targeted_weights": summary["targeted_weights"],
         "density": summary["density"],

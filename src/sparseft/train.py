@@ -57,6 +57,7 @@ class TrainResult:
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: int = 0
+    mean_active_entries: float | None = None  # entries trained per step, averaged over steps
 
     @property
     def median_step_time(self) -> float:
@@ -130,16 +131,50 @@ class PeakMemory:
 
 
 class SparseController:
-    """The per-step logic shared by ``train`` and ``SparseCallback``."""
+    """The per-step logic shared by ``train`` and ``SparseCallback``.
+
+    Order within optimizer step ``t`` (1-based): ``before_optimizer_step(t)`` (before the
+    forward/backward passes), ``before_update(t)`` (gradients ready, before clipping and
+    the optimizer step), ``after_optimizer_step(t)``. ``train_begin(total_steps)`` and
+    ``train_end()`` bracket the run. The controller also counts the entries trained at each
+    step (``mean_active_entries``).
+    """
 
     def __init__(self, model: Any, optimizer: Any = None):
         self.model = model
         self.optimizer = optimizer
+        self.active_counts: list[int] = []
+
+    @property
+    def method(self) -> Any:
+        return getattr(self.model, "method", None)
+
+    def train_begin(self, total_steps: int | None, optimizer: Any = None) -> None:
+        self.active_counts = []
+        if self.method is not None:
+            self.method.on_train_begin(total_steps, self.model)
 
     def before_optimizer_step(self, step: int) -> None:
         method = getattr(self.model, "method", None)
         if method is not None:
             method.on_step_begin(step, self.model)
+
+    def before_update(self, step: int, optimizer: Any = None) -> None:
+        method = self.method
+        if method is not None:
+            method.on_before_update(step, self.model, optimizer or self.optimizer)
+            self.active_counts.append(int(method.active_entries(self.model)))
+        elif hasattr(self.model, "num_sparse_params"):
+            self.active_counts.append(int(self.model.num_sparse_params()))
+
+    @property
+    def mean_active_entries(self) -> float | None:
+        """Average over optimizer steps of the number of entries trained at that step."""
+        return sum(self.active_counts) / len(self.active_counts) if self.active_counts else None
+
+    def train_end(self, optimizer: Any = None) -> None:
+        if self.method is not None:
+            self.method.on_train_end(self.model, optimizer or self.optimizer)
 
     def after_optimizer_step(self, step: int, batch: Any = None, optimizer: Any = None) -> None:
         method = getattr(self.model, "method", None)
@@ -199,11 +234,13 @@ def train(
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     generator = getattr(train_loader, "generator", None)
     result = TrainResult()
+    controller.train_begin(total)
     loop = {"epoch": 0, "micro_in_epoch": 0}
-    if resume_from is not None:
+    if resume_from is not None:  # after train_begin: the method's restored state must not be reset
         loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
         for key in ("steps", "tokens", "losses", "step_times", "history", "skipped_steps"):
             setattr(result, key, loop.pop(key))
+        controller.active_counts = loop.pop("active_counts", [])
     model.train()
     bar = tqdm(total=total, initial=result.steps, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     started = time.perf_counter()
@@ -238,6 +275,7 @@ def train(
                 where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
                 raise NonFiniteError(f"the loss or a gradient became NaN/inf at step {result.steps + 1}{where} "
                                      "(use --skip-nonfinite to skip such steps)")
+            controller.before_update(result.steps + 1)
             if step_finite:
                 if args.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -263,7 +301,7 @@ def train(
             if checkpoint_dir and args.save_every and result.steps % args.save_every == 0:
                 state = {**loop, "steps": result.steps, "tokens": result.tokens, "losses": result.losses,
                          "step_times": result.step_times, "history": result.history,
-                         "skipped_steps": result.skipped_steps}
+                         "skipped_steps": result.skipped_steps, "active_counts": controller.active_counts}
                 last_checkpoint = str(ckpt.save_checkpoint(
                     checkpoint_dir, result.steps, model, optimizer, scheduler, state, keep_last=args.keep_checkpoints))
                 step_start = time.perf_counter()
@@ -274,7 +312,9 @@ def train(
         if result.steps < total:
             loop = {"epoch": loop["epoch"] + 1, "micro_in_epoch": 0}
     bar.close()
+    controller.train_end()
     result.train_seconds = time.perf_counter() - started - eval_seconds
+    result.mean_active_entries = controller.mean_active_entries
     model.eval()
     return result
 
@@ -295,6 +335,20 @@ class SparseCallback(TrainerCallback):
 
     def __init__(self, model: Any):
         self.controller = SparseController(model)
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.controller.train_begin(state.max_steps, optimizer)
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # The Trainer clips gradients before this event: gradients that a method adds here
+        # (ID3's newly unmasked entries) are not clipped on that step.
+        self.controller.before_update(state.global_step + 1, optimizer)
+        return control
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        self.controller.train_end(optimizer)
+        return control
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.controller.before_optimizer_step(state.global_step + 1)

@@ -14,6 +14,13 @@ from .static import StaticMask
 
 
 def get_method(config: SparseConfig) -> Method:
+    from .dst import DST
+    from .grow_drop import GrowDrop
+    from .id3 import ID3
+
+    training_time = {"id3": ID3, "dst": DST, "grow-drop": GrowDrop}
+    if config.method in training_time:
+        return training_time[config.method](config)
     if config.schedule == "dynamic":
         return DynamicMask(config)
     return StaticMask(config)

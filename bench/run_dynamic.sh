@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The measurement behind docs/dynamic_methods.md: default task, short runs, 1 thread each.
+# Usage: bench/run_dynamic.sh [out_dir]   (resumes: skips runs whose metrics.json exists)
+set -u
+OUT=${1:-runs/dynamic}
+COMMON="--task rt-sentiment --max-steps 150 --max-train-examples 4800 --max-eval-examples 1000 --no-progress"
+export OMP_NUM_THREADS=1
+for seed in 0 1 2; do
+  for density in 0.01 0.001; do
+    for method in random id3 dst gradient-1batch; do
+      dir=$OUT/$method-d$density-s$seed
+      [ -f "$dir/metrics.json" ] && continue
+      if [ "$method" = gradient-1batch ]; then
+        # a static |g| mask from the first training batch: ID3 with a single unmasking event
+        args="--method id3 --unmask-every 150"
+      else
+        args="--method $method"
+      fi
+      sparseft train $COMMON $args --density "$density" --seed "$seed" --out "$dir" > "$OUT/$method-d$density-s$seed.log" 2>&1
+      echo "$(date +%T) $dir rc=$?"
+    done
+  done
+done

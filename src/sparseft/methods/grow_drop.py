@@ -1,0 +1,86 @@
+"""SpIEL-style grow-drop (Ansell et al., arXiv 2401.16405), a reference method.
+
+Start from a seeded random index set of B entries. Every U = ``grow_drop_every`` optimizer
+steps (at steps U, 2U, ... before the last step), after the optimizer step:
+
+- drop: the n_t entries with the smallest |value| over all targeted matrices (ties: the
+  earlier layer, then the lower index) leave the index set; their values are discarded
+  (the delta returns to pretrained there);
+- grow: the n_t entries with the largest |sum of g over the window| (the dense weight
+  gradient accumulated over the U steps since the last update) among entries that were
+  not indexed before the drop join, at zero with fresh optimizer state;
+- n_t = round(f_t · B), f_t = f_0 · (1 + cos(pi · t / T)) / 2 (cosine decay from
+  f_0 = ``grow_drop_fraction``, default 0.2, to 0 at the last step T).
+
+Surviving entries keep values and optimizer state, so the total stays B. The dense
+gradients are observed on every step (they are the accumulated statistic), which costs one
+dense matmul per targeted layer per step and one dense float32 accumulator per layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..scoring import random_scores
+from ..select import resolve_budget, select_topk
+from .base import Method
+from .id3 import DenseGradients, global_topk, grow
+
+
+class GrowDrop(Method):
+    name = "grow-drop"
+
+    def init(self, model: Any, calibration_data: Any = None) -> None:
+        cfg = self.config
+        layers = model.sparse_layers()
+        self.budget = resolve_budget(cfg, model.target_shapes())
+        model.set_index_sets(select_topk(random_scores(layers, seed=cfg.seed), self.budget, cfg.selection))
+        self._dense = DenseGradients()
+        self.swapped: list[tuple[int, int]] = []  # (step, entries swapped)
+
+    def fraction(self, step: int) -> float:
+        total = self.total_steps or step
+        return self.config.grow_drop_fraction * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    def _is_update(self, step: int) -> bool:
+        every = self.config.grow_drop_every
+        return step % every == 0 and (self.total_steps is None or step < self.total_steps)
+
+    def on_step_begin(self, step: int, model: Any) -> None:
+        self._dense.arm(model.sparse_layers())  # the window's gradient is accumulated every step
+
+    def on_before_update(self, step: int, model: Any, optimizer: Any = None) -> None:
+        self._dense.disarm(model.sparse_layers())
+
+    @torch.no_grad()
+    def on_step(self, step: int, model: Any, optimizer: Any = None, batch: Any = None) -> None:
+        if not self._is_update(step):
+            return
+        grads = self._dense.pop()
+        layers = model.sparse_layers()
+        n = min(int(round(self.fraction(step) * self.budget)), self.budget)
+        if n <= 0 or not grads:
+            return
+        # drop: smallest |value| globally
+        neg_mag = {name: -layer.values.detach().float().abs() for name, layer in layers.items()}
+        dropped = global_topk(neg_mag, n)
+        keep_sets, grow_scores = {}, {}
+        for name, layer in layers.items():
+            keep = torch.ones(layer.num_entries, dtype=torch.bool, device=layer.indices.device)
+            keep[dropped[name].long()] = False
+            keep_sets[name] = layer.indices[keep]
+            score = grads[name].reshape(-1).abs() if name in grads else torch.zeros(layer.weight.numel())
+            score[layer.indices.long()] = float("-inf")  # only entries not indexed before the drop
+            grow_scores[name] = score
+        model.set_index_sets(keep_sets, optimizer)
+        grow(model, global_topk(grow_scores, n), optimizer)
+        self.swapped.append((step, n))
+
+    def on_train_end(self, model: Any, optimizer: Any = None) -> None:
+        self._dense.disarm(model.sparse_layers())
+        self._dense.pop()
+
+    def state_dict(self) -> dict:
+        return {"budget": self.budget, "swapped": self.swapped}
