@@ -83,4 +83,10 @@ class GrowDrop(Method):
         self._dense.pop()
 
     def state_dict(self) -> dict:
-        return {"budget": self.budget, "swapped": self.swapped}
+        # The window's partial gradient sum too: a resume inside a window must regrow the same.
+        return {"budget": self.budget, "swapped": self.swapped, "window_grads": dict(self._dense.grads)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.budget = int(state["budget"])
+        self.swapped = [tuple(s) for s in state.get("swapped", [])]
+        self._dense.grads = dict(state.get("window_grads", {}))

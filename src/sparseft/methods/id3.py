@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..distributed import all_reduce_mean_
 from ..select import resolve_budget
 from .base import Method
 
@@ -114,7 +115,10 @@ class DenseGradients:
             layer.grad_observer = None
 
     def pop(self) -> dict[str, torch.Tensor]:
+        """The summed gradients, averaged over ranks under torch.distributed (so every rank
+        makes the same index choice), and a fresh, empty sum."""
         grads, self.grads = self.grads, {}
+        all_reduce_mean_(grads)
         return grads
 
 
