@@ -293,8 +293,15 @@ class SparseDeltaLayer(nn.Module):
 
     # -- compute ------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._merged_original is not None or (self.num_entries == 0 and self.grad_observer is None):
+        if self._merged_original is not None:
             return self.base_layer(x)
+        if self.num_entries == 0 and self.grad_observer is None:
+            out = self.base_layer(x)
+            if self.values.requires_grad and torch.is_grad_enabled():
+                # Keep the (empty) values in the graph: DDP expects a gradient for every
+                # parameter, also from a layer that a global top-k left without entries.
+                out = out + self.values.sum()
+            return out
         bias = self.base_layer.bias
         return SparseDeltaFunction.apply(
             x, self.weight, bias, self.values, self.indices, self.layout,
