@@ -141,11 +141,10 @@ class GradientSum:
                 g = grad.float()
                 buf.addcmul_(g, g, value=self.scale)
             elif buf is None:
+                # The layer's backward hands over a fresh matmul output that nobody else
+                # holds: it becomes the buffer (no copy).
                 g = grad.float()
-                if g is grad:  # matmul output: a fresh tensor nobody else holds
-                    self.buffers[name] = g.mul_(self.scale) if self.scale != 1.0 else g
-                else:
-                    self.buffers[name] = g.mul_(self.scale)
+                self.buffers[name] = g.mul_(self.scale) if self.scale != 1.0 else g
             else:
                 buf.add_(grad.float(), alpha=self.scale)
         return observe
