@@ -97,7 +97,12 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
 
 
 def effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """W + scatter(indices, values), in a fresh buffer (W itself is never touched)."""
+    """W + scatter(indices, values), in a fresh buffer (W itself is never touched).
+
+    With no entries (a layer only observed for scoring) this is W itself: no copy.
+    """
+    if values.numel() == 0:
+        return weight.detach()
     merged = weight.detach().clone()
     if values.numel():
         merged.view(-1).index_add_(0, indices, values.detach().to(weight.dtype))
