@@ -197,3 +197,15 @@ def test_dynamic_with_a_plain_torch_optimizer_is_a_clear_error():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(RuntimeError, match="SparseAdamW"):
         train(model, toy_batches(3, 8), TrainingArguments(lr=1e-2, max_steps=3, progress=False), optimizer=opt)
+
+
+def test_cli_options_reach_the_config(capsys, tmp_path):
+    from sparseft.cli import build_parser, main
+
+    ns = build_parser().parse_args(["train", "--out", str(tmp_path), "--method", "snip", "--selection", "per-layer",
+                                    "--schedule", "dynamic", "--update-every", "64", "--score-window", "4",
+                                    "--drop-policy", "zero", "--calib-examples", "256", "--d3-exponent", "0.5"])
+    assert (ns.method, ns.selection, ns.schedule, ns.update_every, ns.score_window, ns.drop_policy, ns.calib_examples,
+            ns.d3_exponent) == ("snip", "per-layer", "dynamic", 64, 4, "zero", 256, 0.5)
+    assert main(["train", "--out", str(tmp_path), "--method", "fisher", "--schedule", "dynamic"]) == 2
+    assert "dynamic" in capsys.readouterr().err

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--calib-examples", type=int, default=1024,
                    help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
                         "order, capped by its size)")
+    m.add_argument("--calib-batch-size", type=int,
+                   help="batch size of the calibration passes (default: --batch-size); selection memory is the score "
+                        "buffers plus one calibration batch's activations")
     m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
     m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
     m.add_argument("--schedule", default="static", choices=list(SCHEDULES),
@@ -137,6 +140,7 @@ def _task_options(ns: argparse.Namespace):
         max_train_examples=ns.max_train_examples, max_eval_examples=ns.max_eval_examples,
         max_length=ns.max_length, batch_size=ns.batch_size,
         prompt_column=ns.prompt_column, target_column=ns.target_column, max_new_tokens=ns.max_new_tokens,
+        calib_batch_size=getattr(ns, "calib_batch_size", None),
     )
 
 

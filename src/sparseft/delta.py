@@ -108,7 +108,12 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
 
 
 def effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """W + scatter(indices, values), in a fresh buffer (W itself is never touched)."""
+    """W + scatter(indices, values), in a fresh buffer (W itself is never touched).
+
+    With no entries (a layer only observed for scoring) this is W itself: no copy.
+    """
+    if values.numel() == 0:
+        return weight.detach()
     merged = weight.detach().clone()
     if values.numel() == weight.numel():
         merged.view(-1).add_(values.detach().to(weight.dtype))  # a full index is 0..n-1 (validated)

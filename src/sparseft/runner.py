@@ -42,6 +42,9 @@ class TaskOptions:
     prompt_column: str | None = None
     target_column: str | None = None
     max_new_tokens: int = 8
+    # Batch size of the calibration passes (default: batch_size). Selection memory is the
+    # score buffers plus one calibration batch's activations: smaller batches, less memory.
+    calib_batch_size: int | None = None
 
 
 @dataclass
@@ -188,7 +191,7 @@ def calibration_batches(task: TaskData, tokenizer, spec: RunSpec) -> list[dict]:
     n = min(spec.sparse.calib_examples, len(task.train))
     order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(spec.training.seed))[:n]
     examples = [task.train[i] for i in order.tolist()]
-    return list(make_loader(examples, tokenizer, spec.data.batch_size, spec.data.max_length))
+    return list(make_loader(examples, tokenizer, spec.data.calib_batch_size or spec.data.batch_size, spec.data.max_length))
 
 
 def _run_record(spec: RunSpec, task: TaskData) -> dict[str, Any]:

@@ -141,11 +141,10 @@ class GradientSum:
                 g = grad.float()
                 buf.addcmul_(g, g, value=self.scale)
             elif buf is None:
+                # The layer's backward hands over a fresh matmul output that nobody else
+                # holds: it becomes the buffer (no copy).
                 g = grad.float()
-                if g is grad:  # matmul output: a fresh tensor nobody else holds
-                    self.buffers[name] = g.mul_(self.scale) if self.scale != 1.0 else g
-                else:
-                    self.buffers[name] = g.mul_(self.scale)
+                self.buffers[name] = g.mul_(self.scale) if self.scale != 1.0 else g
             else:
                 buf.add_(grad.float(), alpha=self.scale)
         return observe
@@ -317,6 +316,15 @@ def _logits(out: Any) -> torch.Tensor:
     return logits
 
 
+def _negate_where(p: torch.Tensor, mask: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """p[mask] = -p[mask], exactly and in place, in chunks (boolean indexing of a large
+    parameter would build int64 index tensors twice its size)."""
+    flat, m = p.view(-1), mask.view(-1)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        part.copy_(torch.where(m[start:start + chunk], part.neg(), part))
+
+
 def synflow_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, **_: object) -> dict[str, torch.Tensor]:
     """SynFlow as in SPEFT: every parameter made positive, one forward pass on an all-ones
     ``inputs_embeds`` of a single token, R = sum of the logits, score |w * dR/dw|.
@@ -344,7 +352,7 @@ def synflow_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | No
         finally:
             with torch.no_grad():
                 for p, s in zip(params, signs):
-                    p[s] = p[s].neg()
+                    _negate_where(p, s)
             del signs
     scores = {}
     for name, layer in layers.items():
