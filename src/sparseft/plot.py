@@ -64,9 +64,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "step_time_s": statistics.median(r.get("step_time_s", math.nan) for r in runs),
             "peak_rss_mb": statistics.median(r.get("peak_rss_mb", math.nan) for r in runs),
             "metric": runs[0].get("metric", "score"), "higher_is_better": higher,
-            "majority_rate": runs[0].get("majority_rate"),
+            "majority_rate": _mean_or_none(r.get("majority_rate") for r in runs),
         })
     return sorted(out, key=lambda e: (str(e["task"]), e["method"], e["trainable_params"]))
+
+
+def _mean_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def _pyplot():
@@ -98,7 +103,7 @@ def plot_results(results: str | Path, out: str | Path) -> list[Path]:
                             color=line.get_color())
         majority = entries[0].get("majority_rate")
         if majority is not None:
-            ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+            ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority answer (mean)")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (excluding the task head)")
         metric = entries[0]["metric"]
