@@ -41,6 +41,10 @@ def test_two_run_sweep_writes_results_resumes_and_plots(folders, tmp_path, capsy
     assert pngs == ["train-cost.png", "train-score-vs-params.png"]
     assert (tmp_path / "plots" / "train-score-vs-params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| lora | r2 |" in (tmp_path / "plots" / "summary.md").read_text()
+    grid["methods"] = ["lora"]
+    (tmp_path / "lora.json").write_text(json.dumps(grid))
+    assert main(["plot", str(results), "--out", str(tmp_path / "p2"), "--grid", str(tmp_path / "lora.json")]) == 0
+    assert "| random |" not in (tmp_path / "p2" / "summary.md").read_text()
 
 
 def test_bad_grid_is_a_clear_error(tmp_path, capsys):

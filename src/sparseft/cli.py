@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pl.add_argument("results", help="results.jsonl written by 'sparseft sweep'")
     pl.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
+    pl.add_argument("--grid", help="only the runs of this grid file (e.g. leave out a learning-rate sweep)")
     return parser
 
 
@@ -217,7 +218,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .plot import plot_results
 
-    for path in plot_results(ns.results, ns.out):
+    for path in plot_results(ns.results, ns.out, grid=ns.grid):
         print(f"wrote {path}")
     return 0
 

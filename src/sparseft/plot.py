@@ -64,9 +64,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "step_time_s": statistics.median(r.get("step_time_s", math.nan) for r in runs),
             "peak_rss_mb": statistics.median(r.get("peak_rss_mb", math.nan) for r in runs),
             "metric": runs[0].get("metric", "score"), "higher_is_better": higher,
-            "majority_rate": runs[0].get("majority_rate"),
+            "majority_rate": _mean_or_none(r.get("majority_rate") for r in runs),
         })
     return sorted(out, key=lambda e: (str(e["task"]), e["method"], e["trainable_params"]))
+
+
+def _mean_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def _pyplot():
@@ -80,9 +85,18 @@ def _pyplot():
     return plt
 
 
-def plot_results(results: str | Path, out: str | Path) -> list[Path]:
+def plot_results(results: str | Path, out: str | Path, grid: str | Path | None = None) -> list[Path]:
+    """Write the PNGs and summary.md; with ``grid``, only that grid file's runs count."""
     plt = _pyplot()
-    summary = summarize(read_results(results))
+    rows = read_results(results)
+    if grid is not None:
+        from .sweep import expand, load_grid
+
+        names = {run.name for run in expand(load_grid(grid))}
+        rows = [row for row in rows if row.get("run") in names]
+        if not rows:
+            raise DataError(f"{results} holds none of the runs of {grid}")
+    summary = summarize(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -98,7 +112,7 @@ def plot_results(results: str | Path, out: str | Path) -> list[Path]:
                             color=line.get_color())
         majority = entries[0].get("majority_rate")
         if majority is not None:
-            ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+            ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority answer (mean)")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (excluding the task head)")
         metric = entries[0]["metric"]
@@ -135,11 +149,12 @@ def plot_results(results: str | Path, out: str | Path) -> list[Path]:
 
 def summary_table(summary: list[dict[str, Any]]) -> str:
     lines = ["| task | method | budget | trainable params | lr (best on validation) | seeds | test score mean [min, max] "
-             "| validation mean | step ms | peak RSS MB |", "|" + "---|" * 10]
+             "| validation mean | majority | step ms | peak RSS MB |", "|" + "---|" * 11]
     for e in summary:
         lines.append(
             f"| {e['task']} | {e['method']} | {e['budget']} | {e['trainable_params']:,.0f} | {e['lr']:g} "
             f"(of {', '.join(f'{x:g}' for x in e['lrs_tried'])}) | {e['seeds']} | {e['score_mean']:.4f} "
-            f"[{e['score_min']:.4f}, {e['score_max']:.4f}] | {e['validation_mean']:.4f} | {e['step_time_s'] * 1000:.0f} "
+            f"[{e['score_min']:.4f}, {e['score_max']:.4f}] | {e['validation_mean']:.4f} | "
+            f"{'-' if e['majority_rate'] is None else format(e['majority_rate'], '.4f')} | {e['step_time_s'] * 1000:.0f} "
             f"| {e['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
