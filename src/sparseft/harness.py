@@ -85,6 +85,22 @@ def _prepare_causal(spec) -> Setup:
                  majority_target_rate(task.test), {"kind": task.kind})
 
 
+def _calibration(train_loader, spec) -> list[dict] | None:
+    """The first ``calib_examples`` training examples, batched like training (the training
+    loader's own shuffling generator is left untouched)."""
+    from torch.utils.data import DataLoader
+
+    from .config import CALIBRATION_METHODS
+
+    if spec.sparse.method not in CALIBRATION_METHODS:
+        return None
+    dataset = train_loader.dataset
+    n = min(spec.sparse.calib_examples, len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(n))
+    batch = spec.data.calib_batch_size or spec.data.batch_size
+    return list(DataLoader(subset, batch_size=batch, collate_fn=train_loader.collate_fn))
+
+
 def run_experiment(spec) -> dict[str, Any]:
     """Train ``spec`` (a runner.RunSpec, sparse or baseline) and write ``<out>/metrics.json``."""
     from .runner import write_json
@@ -107,7 +123,7 @@ def run_experiment(spec) -> dict[str, Any]:
     else:
         if not spec.sparse.modules_to_save:
             spec.sparse.modules_to_save = list(setup.new_heads)
-        model = get_sparse_model(setup.base, spec.sparse)
+        model = get_sparse_model(setup.base, spec.sparse, calibration_data=_calibration(setup.train_loader, spec))
         optimizer, method, config = None, spec.sparse.method, spec.sparse.to_dict()
     select_seconds = time.perf_counter() - select_start
     result = train(model, setup.train_loader, spec.training, optimizer=optimizer,
