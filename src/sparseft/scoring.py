@@ -149,6 +149,25 @@ class GradientSum:
                 buf.add_(grad.float(), alpha=self.scale)
         return observe
 
+    def arm(self, layers: Mapping[str, SparseDeltaLayer]) -> None:
+        """Route every layer's dense gradient into this sum (idempotent)."""
+        for name, layer in layers.items():
+            layer.grad_observer = self.observer(name)
+
+    @staticmethod
+    def disarm(layers: Mapping[str, SparseDeltaLayer]) -> None:
+        for layer in layers.values():
+            layer.grad_observer = None
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The sums, averaged over ranks under torch.distributed (so every rank makes the
+        same index choice), leaving this sum empty."""
+        from .distributed import all_reduce_mean_
+
+        buffers, self.buffers = self.buffers, {}
+        all_reduce_mean_(buffers)
+        return buffers
+
     def get(self, name: str, layer: SparseDeltaLayer) -> torch.Tensor:
         """The sum for ``name`` (zeros when the layer got no gradient)."""
         buf = self.buffers.pop(name, None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import GRADIENT_METHODS
-from ..distributed import all_reduce_mean_
 from ..scoring import GradientSum, compute_scores, scores_from_gradient
 from ..select import resolve_budget, select_topk
 from .base import Method
@@ -45,12 +44,10 @@ class DynamicMask(Method):
             return
         if self._grads is None:
             self._grads = GradientSum()
-        for name, layer in model.sparse_layers().items():  # (re-)arming is idempotent, e.g. after a resume
-            layer.grad_observer = self._grads.observer(name)
+        self._grads.arm(model.sparse_layers())  # idempotent: also re-arms after a resume
 
     def _disarm(self, model: Any) -> None:
-        for layer in model.sparse_layers().values():
-            layer.grad_observer = None
+        GradientSum.disarm(model.sparse_layers())
 
     def on_step(self, step: int, model: Any, optimizer: Any = None, batch: Any = None) -> None:
         if step % self.config.update_every:
@@ -62,7 +59,7 @@ class DynamicMask(Method):
             grads, self._grads = self._grads, None
             if grads is None or not grads.buffers:
                 return  # no window seen since the last update (e.g. training resumed here)
-            all_reduce_mean_(grads.buffers)  # every rank scores the same window: identical index sets
+            grads.buffers = grads.pop()  # averaged over ranks: every rank makes the same choice
             scores = scores_from_gradient(cfg.method, layers, grads, cfg.d3_epsilon, cfg.d3_exponent)
         else:
             scores = compute_scores(cfg.method, layers, model=model, seed=cfg.seed + self.updates + 1,

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ..scoring import random_scores
+from ..scoring import GradientSum, random_scores
 from ..select import resolve_budget, select_topk
 from .base import Method
-from .id3 import DenseGradients, global_topk, grow
+from .id3 import global_topk, grow
 
 
 class GrowDrop(Method):
@@ -37,7 +37,7 @@ class GrowDrop(Method):
         layers = model.sparse_layers()
         self.budget = resolve_budget(cfg, model.target_shapes())
         model.set_index_sets(select_topk(random_scores(layers, seed=cfg.seed), self.budget, cfg.selection))
-        self._dense = DenseGradients()
+        self._dense = GradientSum()
         self.swapped: list[tuple[int, int]] = []  # (step, entries swapped)
 
     def fraction(self, step: int) -> float:
@@ -84,9 +84,9 @@ class GrowDrop(Method):
 
     def state_dict(self) -> dict:
         # The window's partial gradient sum too: a resume inside a window must regrow the same.
-        return {"budget": self.budget, "swapped": self.swapped, "window_grads": dict(self._dense.grads)}
+        return {"budget": self.budget, "swapped": self.swapped, "window_grads": dict(self._dense.buffers)}
 
     def load_state_dict(self, state: dict) -> None:
         self.budget = int(state["budget"])
         self.swapped = [tuple(s) for s in state.get("swapped", [])]
-        self._dense.grads = dict(state.get("window_grads", {}))
+        self._dense.buffers = dict(state.get("window_grads", {}))

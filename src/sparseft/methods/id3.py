@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..distributed import all_reduce_mean_
+from ..scoring import GradientSum
 from ..select import resolve_budget
 from .base import Method
 
@@ -89,39 +89,6 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     return chosen
 
 
-class DenseGradients:
-    """Arms the layers' ``grad_observer`` and sums the dense weight gradients they report
-    (over the micro-batches of a step, or over a window of steps)."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def arm(self, layers: Mapping[str, Any]) -> None:
-        for name, layer in layers.items():
-            layer.grad_observer = self._observer(name)
-
-    def _observer(self, name: str):
-        def observe(grad: torch.Tensor) -> None:
-            grad = grad.detach().float()
-            if name in self.grads:
-                self.grads[name].add_(grad)
-            else:
-                self.grads[name] = grad.clone()
-        return observe
-
-    @staticmethod
-    def disarm(layers: Mapping[str, Any]) -> None:
-        for layer in layers.values():
-            layer.grad_observer = None
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        """The summed gradients, averaged over ranks under torch.distributed (so every rank
-        makes the same index choice), and a fresh, empty sum."""
-        grads, self.grads = self.grads, {}
-        all_reduce_mean_(grads)
-        return grads
-
-
 def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = None,
          dense_grads: Mapping[str, torch.Tensor] | None = None) -> None:
     """Add ``new_entries`` (positions not yet indexed) to the layers' index sets in place.
@@ -166,7 +133,7 @@ class ID3(Method):
         self.budget = resolve_budget(self.config, model.target_shapes())
         model.set_index_sets({n: torch.zeros(0, dtype=torch.int32) for n in model.target_names})
         self.counts: list[int] | None = None
-        self._dense = DenseGradients()
+        self._dense = GradientSum()
 
     def on_train_begin(self, total_steps: int | None, model: Any) -> None:
         super().on_train_begin(total_steps, model)
