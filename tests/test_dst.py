@@ -5,31 +5,14 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
+from conftest import tiny_one_layer_bert as tiny_bert
+from conftest import toy_batches
 from sparseft.methods.dst import project_topk_
 from sparseft.model import SparseModel
 from sparseft.optim import SparseAdamW
 from sparseft.train import SparseController, TrainingArguments, train
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
-
-
-def toy_batches(n_batches, batch_size=8, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(8, 50, (batch_size, 10), generator=gen)
-        labels = torch.randint(0, 2, (batch_size,), generator=gen)
-        ids[labels == 1, 3] = 7
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
 
 
 def dst_model(**budget):
