@@ -107,12 +107,12 @@ def tiny_one_layer_bert(seed=0):
     return BertForSequenceClassification(cfg)
 
 
-def toy_batches(n_batches, batch_size=8, seed=0):
+def toy_batches(n_batches, batch_size=8, seed=0, seq_len=10):
     """A learnable toy task: label 1 puts token 7 at position 3."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_batches):
-        ids = torch.randint(8, 50, (batch_size, 10), generator=gen)
+        ids = torch.randint(8, 50, (batch_size, seq_len), generator=gen)
         labels = torch.randint(0, 2, (batch_size,), generator=gen)
         ids[labels == 1, 3] = 7
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})

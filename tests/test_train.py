@@ -6,6 +6,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
+from conftest import toy_batches as shared_toy_batches
 from sparseft.train import SparseCallback, TrainingArguments, create_optimizer, linear_schedule, train
 
 
@@ -17,15 +18,7 @@ def tiny_bert(seed=0):
 
 
 def toy_batches(n_batches, batch_size, seed=0):
-    """A learnable toy task: the label is whether token 7 occurs in the sequence."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        ids = torch.randint(8, 50, (batch_size, 12), generator=gen)
-        labels = torch.randint(0, 2, (batch_size,), generator=gen)
-        ids[labels == 1, 3] = 7
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return batches
+    return shared_toy_batches(n_batches, batch_size, seed, seq_len=12)
 
 
 def sparse_model(seed=0, density=0.2):
