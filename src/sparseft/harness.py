@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .model import get_sparse_model
-from .train import peak_rss_mb, train
+from .train import train
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _calibration(train_loader, spec) -> list[dict] | None:
 
 def run_experiment(spec) -> dict[str, Any]:
     """Train ``spec`` (a runner.RunSpec, sparse or baseline) and write ``<out>/metrics.json``."""
-    from .runner import write_json
+    from .runner import run_metrics, write_json
 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,23 +153,11 @@ def run_experiment(spec) -> dict[str, Any]:
         "head_params": summary["head_params"],
         "targeted_weights": summary["targeted_weights"],
         "density": summary["density"],
-        "steps": result.steps,
-        "step_time_s": result.median_step_time,
-        "tokens_per_s": result.tokens_per_second,
-        "train_seconds": result.train_seconds,
         "selection_seconds": select_seconds,
-        "final_train_loss": result.losses[-1] if result.losses else None,
-        "peak_rss_mb": peak_rss_mb(),
         "adapter_bytes": adapter_bytes,
-        "seed": seed,
-        "lr": spec.training.lr,
-        "history": result.history,
         "config": config,
-        "training": asdict(spec.training),
-        "data": asdict(spec.data),
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
     }
+    metrics.update(run_metrics(spec, result))
     write_json(out / "metrics.json", metrics)
     return metrics
 

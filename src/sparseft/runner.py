@@ -151,38 +151,45 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
         "validation": scores["validation"],
         "majority_rate": majority_rate(task.test),
         "trainable_params": summary["sparse_params"],
-        # entries trained per optimizer step, averaged over steps (static: = the budget;
-        # ID3: about half of it; DST: every entry of the tuned matrices)
-        "mean_active_entries": result.mean_active_entries,
         "head_params": summary["head_params"],
         "targeted_weights": summary["targeted_weights"],
         "density": summary["density"],
-        "steps": result.steps,
-        "skipped_steps": result.skipped_steps,
         "resumed_from": resume_from,
-        "step_time_s": result.median_step_time,
-        "tokens_per_s": result.tokens_per_second,
-        "train_seconds": result.train_seconds,
         "selection_seconds": select_seconds,
         "selection_extra_rss_mb": select_mem.extra_mb,
         "calibration_examples": min(spec.sparse.calib_examples, len(task.train))
         if spec.sparse.method in CALIBRATION_METHODS else 0,
         "folded_params": model.num_folded_params(),
         "mask_updates": getattr(model.method, "history", []),
+        "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.iterdir()),
+        "config": spec.sparse.to_dict(),
+    }
+    metrics.update(run_metrics(spec, result))
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
+    """The metrics every run reports, whatever it trains (shared with harness.py)."""
+    return {
+        "steps": result.steps,
+        "skipped_steps": result.skipped_steps,
+        # entries trained per optimizer step, averaged over steps (static: = the budget;
+        # ID3: about half of it; DST: every entry of the tuned matrices)
+        "mean_active_entries": result.mean_active_entries,
+        "step_time_s": result.median_step_time,
+        "tokens_per_s": result.tokens_per_second,
+        "train_seconds": result.train_seconds,
         "final_train_loss": result.losses[-1] if result.losses else None,
         "peak_rss_mb": peak_rss_mb(),
-        "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.iterdir()),
-        "seed": seed,
+        "seed": spec.training.seed,
         "lr": spec.training.lr,
         "history": result.history,
-        "config": spec.sparse.to_dict(),
         "training": asdict(spec.training),
         "data": asdict(spec.data),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    write_json(out / "metrics.json", metrics)
-    return metrics
 
 
 def calibration_batches(task: TaskData, tokenizer, spec: RunSpec) -> list[dict]:
