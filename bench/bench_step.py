@@ -1,33 +1,43 @@
-"""Model-level benchmark: one training step of the embedded MiniLM classifier, per method.
+"""Model-level benchmark: one training step per method, on CPU or GPU.
 
 What is measured
 ----------------
 Median wall time of one optimizer step (forward + backward + optimizer step + zero_grad)
-on a fixed batch (default 32 sequences x 64 tokens, fp32, CPU), for:
+on a fixed batch, for:
 
 * ``floor``        every weight frozen, gradients flowing to the inputs (``inputs_embeds``
                    requires grad): the least any fine-tuning method can cost.
 * ``sparse``       sparseft, static random mask with as many entries as LoRA r (``--rank``)
                    on the same targets; SparseAdamW.
-* ``lora``         peft LoRA of rank r on all linear layers of the encoder (+ pooler).
+* ``lora``         peft LoRA of rank r on every linear layer of the transformer blocks.
 * ``shira``        peft SHiRA with the same parameter count (peft's own sparse method).
 * ``supertuning``  peft Super-Tuning (magnitude support) at the same density.
 * ``full``         full fine-tuning, torch AdamW.
 
-Every method also trains the new classifier head densely. Setups are interleaved
-round-robin after a warm-up, so the ratios come from one stretch of machine time.
+Models (``--model``): ``default`` is the embedded MiniLM classifier (pretrained; its new
+classification head is trained densely by every method), ``smollm2`` the pretrained
+SmolLM2-135M causal LM (next-token loss on the batch itself). ``minilm-random``,
+``smollm2-random`` and ``llama-1b-random`` build the same architectures (and a 1.2 B
+Llama-3.2-1B-shaped decoder) from their configs with random weights: step time does not
+depend on the weights' values, and they need no model package (e.g. on a GPU machine).
 
-With ``--memory`` each setup instead runs in its own process, and the peak RSS of that
-process (after ``--steps`` steps) is reported, next to the RSS right after loading.
+Setups are interleaved round-robin after a warm-up, so the ratios come from one stretch of
+machine time. On CUDA every step is bracketed by ``torch.cuda.synchronize()``.
+
+With ``--memory`` each setup runs alone (CPU: in its own process, peak RSS; CUDA: in turn,
+``torch.cuda.max_memory_allocated``) and the peak is reported next to the memory right
+after loading.
 
 Reproduce::
 
     python bench/bench_step.py --reps 6 --out bench/results/step_minilm.json
     python bench/bench_step.py --memory --out bench/results/step_minilm_memory.json
+    python bench/bench_step.py --model smollm2-random --device cuda --dtype bf16 --batch 8 --seq 256 --reps 20
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -41,38 +51,76 @@ import torch
 
 SETUPS = ("floor", "sparse", "lora", "shira", "supertuning", "full")
 TARGETS = ["query", "key", "value", "dense"]  # every Linear of the BERT encoder and pooler
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Architectures for random-init runs (the shapes of the published configs).
+MINILM_CONFIG = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=512, num_labels=2)
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+LLAMA_1B_CONFIG = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True)
 
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_base():
-    from sparseft.pretrained import load_classifier
-
-    model, _, _ = load_classifier("default", num_labels=2)
-    return model
+def is_causal(model_name: str) -> bool:
+    return model_name not in ("default", "minilm-random")
 
 
-def lora_param_count(model, rank: int) -> int:
+def targets_for(model_name: str) -> list[str]:
+    return DECODER_TARGETS if is_causal(model_name) else TARGETS
+
+
+def load_base(model_name: str, device: str, dtype: torch.dtype):
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if model_name == "default":
+        from sparseft.pretrained import load_classifier
+
+        model, _, _ = load_classifier("default", num_labels=2)
+    elif model_name == "smollm2":
+        from sparseft.pretrained import load_causal_lm
+
+        model, _ = load_causal_lm("smollm2")
+    elif model_name == "minilm-random":
+        model = BertForSequenceClassification(BertConfig(**MINILM_CONFIG))
+    elif model_name in ("smollm2-random", "llama-1b-random"):
+        config = SMOLLM2_CONFIG if model_name == "smollm2-random" else LLAMA_1B_CONFIG
+        with torch.device(device):  # a 1 B model is built where it runs
+            model = LlamaForCausalLM(LlamaConfig(**config))
+    else:
+        raise ValueError(f"unknown --model {model_name!r}")
+    return model.to(device=device, dtype=dtype)
+
+
+def lora_param_count(model, rank: int, targets: list[str]) -> int:
     from sparseft.inject import find_target_modules
     from sparseft.delta import linear_shape
     from sparseft.select import lora_equivalent_params
 
-    names = find_target_modules(model, TARGETS, modules_to_save=["classifier"])
+    names = find_target_modules(model, targets, modules_to_save=["classifier"])
     return lora_equivalent_params({n: linear_shape(model.get_submodule(n)) for n in names}, rank)
 
 
-def build(setup: str, rank: int):
+def build(setup: str, args):
     """(model, optimizer or None, uses_inputs_embeds)."""
     import peft
 
     import sparseft
 
-    model = load_base()
-    targeted = sum(model.get_submodule(n).weight.numel() for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n != "classifier")
-    k = lora_param_count(model, rank)
+    model = load_base(args.model, args.device, DTYPES[args.dtype])
+    targets = targets_for(args.model)
+    heads = [] if is_causal(args.model) else ["classifier"]
+    targeted = sum(m.weight.numel() for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets)
+    k = lora_param_count(model, args.rank, targets)
     if setup == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -80,14 +128,15 @@ def build(setup: str, rank: int):
     if setup == "full":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5), False
     if setup == "sparse":
-        sm = sparseft.get_sparse_model(model, sparseft.SparseConfig(method="random", num_params=k, target_modules=TARGETS))
+        sm = sparseft.get_sparse_model(model, sparseft.SparseConfig(method="random", num_params=k, target_modules=targets))
         return sm, sparseft.create_optimizer(sm, lr=1e-3), False
     if setup == "lora":
-        cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS, modules_to_save=["classifier"])
+        cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets,
+                              modules_to_save=heads)
     elif setup == "shira":
-        cfg = peft.ShiraConfig(r=rank, target_modules=TARGETS, modules_to_save=["classifier"])
+        cfg = peft.ShiraConfig(r=args.rank, target_modules=targets, modules_to_save=heads)
     elif setup == "supertuning":
-        cfg = peft.SupertuningConfig(sparsity=1 - k / targeted, target_modules=TARGETS, modules_to_save=["classifier"])
+        cfg = peft.SupertuningConfig(sparsity=1 - k / targeted, target_modules=targets, modules_to_save=heads)
     else:
         raise ValueError(setup)
     pm = peft.get_peft_model(model, cfg)
@@ -99,10 +148,17 @@ def trainable_count(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
 
 
-def make_batch(batch: int, seq: int):
+def make_batch(args):
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 29000, (batch, seq), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch,), generator=gen)}
+    ids = torch.randint(1000, 29000, (args.batch, args.seq), generator=gen)
+    labels = ids.clone() if is_causal(args.model) else torch.randint(0, 2, (args.batch,), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {k: v.to(args.device) for k, v in batch.items()}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def make_step(model, optimizer, uses_embeds: bool, batch: dict):
@@ -122,8 +178,8 @@ def make_step(model, optimizer, uses_embeds: bool, batch: dict):
 
 
 def run_timing(args) -> dict:
-    batch = make_batch(args.batch, args.seq)
-    built = {s: build(s, args.rank) for s in args.setups}
+    batch = make_batch(args)
+    built = {s: build(s, args) for s in args.setups}
     for model, _, _ in built.values():
         model.train()
         for m in model.modules():  # no dropout: every setup does the same arithmetic each rep
@@ -133,8 +189,10 @@ def run_timing(args) -> dict:
     times = {s: [] for s in args.setups}
     for rep in range(args.warmup + args.reps):
         for s in args.setups:
+            synchronize(args.device)
             t0 = time.perf_counter()
             steps[s]()
+            synchronize(args.device)
             if rep >= args.warmup:
                 times[s].append(time.perf_counter() - t0)
     median = {s: statistics.median(v) * 1000 for s, v in times.items()}
@@ -151,20 +209,45 @@ def run_timing(args) -> dict:
 
 
 def run_memory_child(setup: str, args) -> dict:
-    model, opt, embeds = build(setup, args.rank)
+    model, opt, embeds = build(setup, args)
     model.train()
     after_load = rss_mb()
-    step = make_step(model, opt, embeds, make_batch(args.batch, args.seq))
+    step = make_step(model, opt, embeds, make_batch(args))
     for _ in range(args.steps):
         step()
     return {"setup": setup, "rss_after_load_mb": after_load, "peak_rss_mb": rss_mb(), "trainable_params": trainable_count(model)}
 
 
+def run_cuda_memory(args) -> dict:
+    """GPU memory of each setup in turn (the allocator's own count, so nothing else leaks in)."""
+    rows = {}
+    for s in args.setups:
+        gc.collect()  # the previous setup's model may sit in reference cycles
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        model, opt, embeds = build(s, args)
+        model.train()
+        after_load = torch.cuda.memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+        step = make_step(model, opt, embeds, make_batch(args))
+        for _ in range(args.steps):
+            step()
+        synchronize(args.device)
+        rows[s] = {"setup": s, "rss_after_load_mb": after_load / 2**20,
+                   "peak_rss_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
+                   "trainable_params": trainable_count(model)}
+        del model, opt, step
+    return {"memory": rows, "memory_kind": "cuda max_memory_allocated"}
+
+
 def run_memory(args) -> dict:
+    if args.device.startswith("cuda"):
+        return run_cuda_memory(args)
     rows = {}
     for s in args.setups:
         cmd = [sys.executable, __file__, "--child", s, "--rank", str(args.rank), "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps)]
+               "--seq", str(args.seq), "--steps", str(args.steps), "--model", args.model,
+               "--device", args.device, "--dtype", args.dtype]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows[s] = json.loads(out.strip().splitlines()[-1])
     return {"memory": rows}
@@ -179,7 +262,8 @@ def table(result: dict) -> str:
         for s, ms in m.items():
             lines.append(f"| {s} | {result['trainable_params'][s]:,} | {ms:.0f} | {ms / floor:.2f} | {m.get('sparse', float('nan')) / ms:.2f} |")
     if "memory" in result:
-        lines += ["| setup | RSS after load MB | peak RSS MB | peak - load MB |", "|---|---|---|---|"]
+        kind = "GPU allocated" if "memory_kind" in result else "RSS"
+        lines += [f"| setup | {kind} after load MB | peak {kind} MB | peak - load MB |", "|---|---|---|---|"]
         for s, r in result["memory"].items():
             lines.append(f"| {s} | {r['rss_after_load_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_after_load_mb']:.0f} |")
     return "\n".join(lines)
@@ -197,6 +281,10 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="peak RSS per setup, each in its own process")
     p.add_argument("--steps", type=int, default=3, help="steps per process with --memory")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="default",
+                   help="default | smollm2 | minilm-random | smollm2-random | llama-1b-random")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--out")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,8 +295,10 @@ def main() -> None:
         print(json.dumps(run_memory_child(args.child, args)))
         return
     result = run_memory(args) if args.memory else run_timing(args)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
-                      "seq": args.seq, "rank": args.rank, "machine": platform.machine(),
+                      "seq": args.seq, "rank": args.rank, "machine": platform.machine(), "model": args.model,
+                      "device": args.device, "device_name": device_name, "dtype": args.dtype,
                       "loadavg": os.getloadavg(), "argv": sys.argv[1:]}
     print(table(result))
     if args.out:

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--skip-nonfinite", action="store_true",
                    help="skip and count steps whose loss or gradients are NaN/inf, instead of stopping")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N, or auto (cuda when available)")
 
     e = sub.add_parser("eval", help="re-score a saved adapter", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--adapter", required=True, help="an adapter folder written by 'sparseft train'")
@@ -185,7 +186,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, skip_nonfinite=ns.skip_nonfinite,
     )
     metrics = run_training(RunSpec(out=ns.out, model=ns.model, data=_task_options(ns), sparse=sparse, training=training,
-                                   baseline=baseline))
+                                   baseline=baseline, device=ns.device))
     return _report(metrics, ns.out)
 
 

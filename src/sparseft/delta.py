@@ -80,8 +80,8 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         backend = "gather" if tokens * layout.numel <= GATHER_AUTO_LIMIT else "sampled_addmm"
     out_dtype = row_factor.dtype
     if backend == "sampled_addmm":
-        if row_factor.device.type == "cpu" and row_factor.dtype not in (torch.float32, torch.float64):
-            # sampled_addmm has no reduced-precision kernel on CPU: upcast.
+        if row_factor.dtype not in (torch.float32, torch.float64):
+            # sampled_addmm has no bf16 kernel (CPU or CUDA) in the torch versions we support: upcast.
             row_factor, col_factor = row_factor.float(), col_factor.float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CSR support is in beta": said once per process, not useful here

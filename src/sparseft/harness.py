@@ -110,6 +110,9 @@ def run_experiment(spec) -> dict[str, Any]:
     seed = spec.training.seed
     torch.manual_seed(seed)
     setup = prepare(spec)
+    from .runner import resolve_device
+
+    setup.base.to(resolve_device(spec.device))
     select_start = time.perf_counter()
     baseline = getattr(spec, "baseline", None)
     if baseline is not None:

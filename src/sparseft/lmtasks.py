@@ -206,8 +206,10 @@ def evaluate_perplexity(model, loader) -> dict[str, float]:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     try:
         for batch in loader:
+            batch = {key: value.to(device) for key, value in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             shift_logits = logits[:, :-1].float()
             shift_labels = batch["labels"][:, 1:]
@@ -229,12 +231,13 @@ def evaluate_generation(model, pairs: Sequence[Pair], tokenizer, batch_size: int
     was_training = model.training
     model.eval()
     collate = CausalCollator(tokenizer.pad_token_id, left=True)
+    device = next(model.parameters()).device
     hits, samples = 0, []
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             prompts = [_ids(tokenizer, format_prompt(tokenizer, p.prompt))[-max_length:] for p in chunk]
-            batch = collate([(ids, ids) for ids in prompts])
+            batch = {key: value.to(device) for key, value in collate([(ids, ids) for ids in prompts]).items()}
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -55,6 +55,25 @@ class RunSpec:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
     baseline: Any = None  # a baselines.BaselineConfig: train LoRA/full/SHiRA/... instead
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when available)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build or machine has no CUDA device")
+    return device
+
+
+def reset_gpu_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def default_lr(method: str) -> float:
@@ -85,12 +104,13 @@ CHECKPOINTS = "checkpoints"
 
 def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
     return {"out": spec.out, "model": spec.model, "data": asdict(spec.data),
-            "sparse": spec.sparse.to_dict(), "training": asdict(spec.training)}
+            "sparse": spec.sparse.to_dict(), "training": asdict(spec.training), "device": spec.device}
 
 
 def spec_from_dict(data: dict[str, Any]) -> RunSpec:
     return RunSpec(out=data["out"], model=data["model"], data=TaskOptions(**data["data"]),
-                   sparse=SparseConfig.from_dict(data["sparse"]), training=TrainingArguments(**data["training"]))
+                   sparse=SparseConfig.from_dict(data["sparse"]), training=TrainingArguments(**data["training"]),
+                   device=data.get("device", "cpu"))
 
 
 def resume_training(run_dir: str) -> dict[str, Any]:
@@ -123,14 +143,19 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
     seed = spec.training.seed
     torch.manual_seed(seed)
     task = load_task(spec.data, seed)
+    device = resolve_device(spec.device)
     base, tokenizer, new_heads = load_classifier(spec.model, task.num_labels)
+    base.to(device)
     if not spec.sparse.modules_to_save:
         spec.sparse.modules_to_save = new_heads
     calibration = calibration_batches(task, tokenizer, spec) if spec.sparse.method in CALIBRATION_METHODS else None
     select_start = time.perf_counter()
+    reset_gpu_peak(device)
     with PeakMemory() as select_mem:
         model = get_sparse_model(base, spec.sparse, calibration_data=calibration)
     select_seconds = time.perf_counter() - select_start
+    select_gpu_mb = gpu_peak_mb(device)
+    reset_gpu_peak(device)
     del calibration
     train_loader = make_loader(task.train, tokenizer, spec.data.batch_size, spec.data.max_length, shuffle=True, seed=seed)
     val_loader = make_loader(task.validation, tokenizer, spec.data.eval_batch_size, spec.data.max_length)
@@ -157,6 +182,7 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
         "resumed_from": resume_from,
         "selection_seconds": select_seconds,
         "selection_extra_rss_mb": select_mem.extra_mb,
+        "selection_peak_gpu_mb": select_gpu_mb,
         "calibration_examples": min(spec.sparse.calib_examples, len(task.train))
         if spec.sparse.method in CALIBRATION_METHODS else 0,
         "folded_params": model.num_folded_params(),
@@ -171,6 +197,7 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
 
 def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
     """The metrics every run reports, whatever it trains (shared with harness.py)."""
+    device = resolve_device(spec.device)
     return {
         "steps": result.steps,
         "skipped_steps": result.skipped_steps,
@@ -182,6 +209,9 @@ def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
         "train_seconds": result.train_seconds,
         "final_train_loss": result.losses[-1] if result.losses else None,
         "peak_rss_mb": peak_rss_mb(),
+        # CUDA runs: the allocator's peak during training and evaluation (selection apart)
+        "peak_gpu_mb": gpu_peak_mb(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "seed": spec.training.seed,
         "lr": spec.training.lr,
         "history": result.history,

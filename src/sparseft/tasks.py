@@ -213,11 +213,13 @@ def majority_rate(examples: Sequence[Example]) -> float:
     return max(counts.values()) / len(examples)
 
 
-def evaluate_classifier(model: torch.nn.Module, loader, device="cpu") -> dict[str, float]:
-    """Metrics plus mean cross-entropy `loss` of `model` over `loader`.
+def evaluate_classifier(model: torch.nn.Module, loader, device=None) -> dict[str, float]:
+    """Metrics plus mean cross-entropy `loss` of `model` over `loader` (on the model's
+    device unless `device` says otherwise).
 
     Runs in eval mode without gradients and restores the model's previous mode.
     """
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_loss = 0.0
