@@ -11,7 +11,7 @@ from sparseft import delta as delta_mod
 from sparseft.delta import IndexLayout, SparseDeltaLayer, sddmm, validate_indices
 
 SHAPES = [(8, 5), (5, 12), (1, 16), (16, 1), (7, 7)]  # (out, in): out>in, in>out, 1xN, Nx1, square
-BACKENDS = ["sampled_addmm", "gather", "auto"]
+BACKENDS = ["sampled_addmm", "gather", "dense", "auto"]
 
 
 def random_indices(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:

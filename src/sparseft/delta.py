@@ -18,6 +18,9 @@ GATHER_CHUNK_ELEMENTS = 1 << 24
 # Below this many (tokens x entries) multiply-adds the gather backend beats sampled_addmm,
 # which pays for transposing both operands into token-contiguous layouts first.
 GATHER_AUTO_LIMIT = 1 << 21
+# On CUDA in fp32, above this many (tokens x weight entries) the dense weight-gradient
+# matmul costs more than sampled_addmm (measured between SmolLM2 and a 1.2 B Llama).
+DENSE_FP32_LIMIT = 1 << 33
 
 
 
@@ -59,6 +62,7 @@ class IndexLayout:
         crow[1:] = counts.cumsum(0)
         self.crow = crow
         self.col = self.cols.to(torch.int32)
+        self.flat = flat
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -77,8 +81,18 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         return row_factor.t().matmul(col_factor).reshape(-1)
     tokens = row_factor.shape[0]
     if backend == "auto":
-        backend = "gather" if tokens * layout.numel <= GATHER_AUTO_LIMIT else "sampled_addmm"
+        if row_factor.is_cuda:
+            # On a GPU the dense weight gradient is one matmul; reading k entries from it beat
+            # cuSPARSE's SDDMM at every shape measured (bench/results/gpu) except large fp32
+            # weights, where the matmul runs without tensor cores (1.2 B Llama, fp32).
+            large_fp32 = row_factor.dtype == torch.float32 and tokens * layout.weight_shape[0] * layout.weight_shape[1] > DENSE_FP32_LIMIT
+            backend = "sampled_addmm" if large_fp32 else "dense"
+        else:
+            backend = "gather" if tokens * layout.numel <= GATHER_AUTO_LIMIT else "sampled_addmm"
     out_dtype = row_factor.dtype
+    if backend == "dense":
+        # Transient: one weight-sized buffer, freed as soon as the entries are read.
+        return row_factor.t().matmul(col_factor).view(-1).index_select(0, layout.flat)
     if backend == "sampled_addmm":
         if row_factor.dtype not in (torch.float32, torch.float64):
             # sampled_addmm has no bf16 kernel (CPU or CUDA) in the torch versions we support: upcast.
