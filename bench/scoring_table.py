@@ -38,14 +38,20 @@ def cell(values: list[float], fmt: str = "{:.3f}") -> str:
 
 def main(root: str) -> None:
     runs = load(Path(root))
+    devices = sorted({r.get("device", "cpu") for rs in runs.values() for r in rs})
+    on_gpu = any(d != "cpu" for d in devices)
+    # On CUDA the selection's peak is the allocator's (model included); on CPU the extra RSS.
+    mem_key, mem_label = (("selection_peak_gpu_mb", "selection peak GPU memory, MB")
+                          if on_gpu else ("selection_extra_rss_mb", "selection extra peak RSS, MB"))
+    print(f"runs on: {', '.join(devices)}\n")
     print("| scorer (static) | " + " | ".join(f"accuracy @ {d}" for d in DENSITIES)
-          + " | selection time, s @ 0.01 | selection extra peak RSS, MB @ 0.01 |")
+          + f" | selection time, s @ 0.01 | {mem_label} @ 0.01 |")
     print("|---|" + "---|" * (len(DENSITIES) + 2))
     for m in METHODS:
         accs = [cell([r["score"] for r in runs[("static", m, d)]]) for d in DENSITIES]
         sel = runs[("static", m, "0.01")]
         t = cell([r["selection_seconds"] for r in sel], "{:.1f}")
-        mem = cell([r["selection_extra_rss_mb"] for r in sel if r.get("selection_extra_rss_mb") is not None], "{:.0f}")
+        mem = cell([r[mem_key] for r in sel if r.get(mem_key) is not None], "{:.0f}")
         print(f"| {m} | " + " | ".join(accs) + f" | {t} | {mem} |")
     print()
     print("| gradient scorer | " + " | ".join(f"accuracy @ {d}" for d in DENSITIES) + " |")
