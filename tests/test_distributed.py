@@ -1,12 +1,21 @@
-"""Two processes on CPU (gloo): DDP over sparse values equals one process with the
-double batch, and the index sets agree on every rank."""
+"""Two processes on CPU (gloo) against one process with the double batch.
+
+For every method (static, dynamic, ID3, grow-drop, DST), N optimizer steps on 2 ranks x
+batch b must give the same index sets (exactly, at every step, on both ranks) and the
+same values (fp32, tight tolerance) as 1 process with batch 2b; the adapter saved under
+DDP must equal the single-process one, and only rank 0 may write it.
+
+DDP ignores the sparse values (their storage changes with the index sets); the
+``SparseController`` averages their gradients over ranks (``sparseft.distributed``).
+One spawn runs every case: starting processes is the slow part.
+"""
 import datetime
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
@@ -15,19 +24,28 @@ from sparseft.distributed import index_sets_agree
 STEPS, PER_RANK = 4, 4
 CONFIGS = {
     "random": dict(method="random"),
-    "magnitude": dict(method="magnitude"),
-    "gradient-static": dict(method="gradient"),  # scored from the same calibration batch on every rank
+    "gradient-static": dict(method="gradient"),  # calibration scores all-reduced
+    "dynamic-gradient": dict(method="gradient", schedule="dynamic", update_every=2, score_window=1),  # merge policy
+    "dynamic-random": dict(method="random", schedule="dynamic", update_every=2, score_window=1, drop_policy="zero"),
+    "id3": dict(method="id3", num_params=60),
+    "id3-every2": dict(method="id3", num_params=60, unmask_every=2, d3_exponent=1.0),
+    "grow-drop": dict(method="grow-drop", grow_drop_every=2, grow_drop_fraction=0.5),
+    "dst": dict(method="dst"),
 }
-# Not here yet: methods that change index sets during training. Replacing a values
-# parameter's storage detaches DDP's gradient hooks (the wrapper must be rebuilt).
+# Run through sparseft.train (DDP wrapper built inside, gradient accumulation, clipping,
+# warmup schedule) rather than the bare controller loop.
+TRAIN_LOOP = {"dynamic-gradient-train": "dynamic-gradient", "id3-train": "id3"}
+CASES = list(CONFIGS) + list(TRAIN_LOOP)
 
 
-def build(kind, calibration=None):
+def build(kind):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                      num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return sparseft.get_sparse_model(BertForSequenceClassification(cfg),
-                                     sparseft.SparseConfig(density=0.1, seed=3, **CONFIGS[kind]),
+    kw = dict(CONFIGS[TRAIN_LOOP.get(kind, kind)])
+    if "num_params" not in kw:
+        kw["density"] = 0.1
+    return sparseft.get_sparse_model(BertForSequenceClassification(cfg), sparseft.SparseConfig(seed=3, **kw),
                                      calibration_data=batches()[:1])
 
 
@@ -40,13 +58,41 @@ def batches():
     return out
 
 
-def run_steps(model, step_batches, forward, check=None):
+def shard(batch, rank, world=2):
+    n = batch["input_ids"].shape[0] // world
+    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+
+
+def snapshot(model):
+    return {n: l.indices.clone() for n, l in model.sparse_layers().items()}
+
+
+def final_state(model, trace):
+    out = {n: l.values.detach().clone() for n, l in model.sparse_layers().items()}
+    out.update({f"{n}.indices": l.indices.clone() for n, l in model.sparse_layers().items()})
+    out.update({f"head.{n}": p.detach().clone() for n, p in model.named_parameters()
+                if p.requires_grad and not n.endswith(".values")})
+    out["trace"] = trace
+    return out
+
+
+def run_steps(model, step_batches, wrap=None, check=None):
     """The plain loop's order of calls, so methods that move entries take part."""
     from sparseft.train import SparseController
 
-    opt = sparseft.create_optimizer(model, lr=1e-2, weight_decay=0.01)
-    controller = SparseController(model, opt)
+    if model.method.name == "dst":
+        # Adam's first steps move every silo entry by about lr (|update| = lr*|g|/(|g|+eps)):
+        # the projection's top-k then separates entries by fp32 rounding, which summing the
+        # batch in two halves changes. SGD's update is proportional to |g|: a fair test of
+        # the distributed part (the method itself takes any optimizer).
+        params = model.sparse_parameters() + model.dense_trainable_parameters()
+        opt = torch.optim.SGD(params, lr=1.0, weight_decay=0.01)
+    else:
+        opt = sparseft.create_optimizer(model, lr=1e-2, weight_decay=0.01)
+    controller = SparseController(model, opt)  # before DDP: it marks the values as DDP-ignored
+    forward = wrap(model) if wrap is not None else model
     controller.train_begin(len(step_batches))
+    trace = []
     for step, batch in enumerate(step_batches, start=1):
         controller.before_optimizer_step(step)
         forward(**batch).loss.backward()
@@ -54,15 +100,33 @@ def run_steps(model, step_batches, forward, check=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         controller.after_optimizer_step(step, batch)
+        trace.append(snapshot(model))
         if check is not None:
             check()
     controller.train_end()
-    out = {n: l.values.detach().clone() for n, l in model.sparse_layers().items()}
-    out.update({f"{n}.indices": l.indices.clone() for n, l in model.sparse_layers().items()})
+    return final_state(model, trace)
+
+
+def run_train(model, micro_batches):
+    """sparseft.train with two micro-batches per optimizer step, clipping and warmup."""
+    args = sparseft.TrainingArguments(lr=1e-2, weight_decay=0.01, max_steps=STEPS, grad_accum=2,
+                                      warmup_ratio=0.25, max_grad_norm=0.5, progress=False)
+    sparseft.train(model, micro_batches, args)
+    return final_state(model, [])
+
+
+def micro_batches(rank=None):
+    """Two micro-batches per step. Rank r's micro-batch i is the i-th half of its shard;
+    one process gets both ranks' micro-batch i together."""
+    out = []
+    for b in batches():
+        halves = [shard(b, r) for r in range(2)]
+        for i in range(2):
+            if rank is None:
+                out.append({k: torch.cat([shard(h, i)[k] for h in halves]) for k in b})
+            else:
+                out.append(shard(halves[rank], i))
     return out
-
-
-METHODS = list(CONFIGS)
 
 
 def worker(rank, world, store, out_dir):
@@ -70,13 +134,19 @@ def worker(rank, world, store, out_dir):
     # A timeout turns a lost peer into an error instead of a 30-minute hang.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    for method in METHODS:  # one spawn for all methods: starting processes is the slow part
-        model = build(method)
+    for case in CASES:
+        model = build(case)
         assert index_sets_agree(model)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        mine = [{k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in b.items()} for b in batches()]
-        values = run_steps(model, mine, ddp, check=lambda: _assert(index_sets_agree(model)))
-        torch.save(values, os.path.join(out_dir, f"{method}-rank{rank}.pt"))
+        if case in TRAIN_LOOP:
+            got = run_train(model, micro_batches(rank))
+        else:
+            mine = [shard(b, rank) for b in batches()]
+            ddp = torch.nn.parallel.DistributedDataParallel
+            got = run_steps(model, mine, wrap=ddp, check=lambda: _assert(index_sets_agree(model)))
+        assert index_sets_agree(model)
+        torch.save(got, os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+        # Every rank calls save_pretrained; only rank 0 writes.
+        model.save_pretrained(os.path.join(out_dir, f"{case}-adapter" if rank == 0 else f"{case}-adapter-rank{rank}"))
     dist.barrier()
     # Tearing the gloo group down (destroy_process_group, or its destructor at interpreter
     # exit) sometimes waited forever for a peer that had already exited (seen in CI, with a
@@ -88,15 +158,40 @@ def _assert(ok):
     assert ok, "index sets differ between ranks"
 
 
+def _moved(trace):
+    return any(not torch.equal(a[n], b[n]) for a, b in zip(trace, trace[1:]) for n in a)
+
+
 def test_two_ranks_equal_one_process_with_the_double_batch(tmp_path):
     mp.spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    for method in METHODS:
-        model = build(method)
-        reference = run_steps(model, batches(), model)
+    for case in CASES:
+        model = build(case)
+        if case in TRAIN_LOOP:
+            reference = run_train(model, micro_batches())
+        else:
+            reference = run_steps(model, batches())
+            if case not in ("random", "gradient-static", "dst"):
+                assert _moved(reference["trace"]), f"{case}: the test needs index sets that change"
+        model.save_pretrained(tmp_path / f"{case}-reference")
         for rank in range(2):
-            got = torch.load(tmp_path / f"{method}-rank{rank}.pt")
+            got = torch.load(tmp_path / f"{case}-rank{rank}.pt")
+            for step, (mine, ref) in enumerate(zip(got.pop("trace"), reference["trace"]), start=1):
+                for name in ref:
+                    assert torch.equal(mine[name], ref[name]), f"{case} rank {rank} step {step} {name}"
             for name, ref in reference.items():
-                if name.endswith(".indices"):
-                    assert torch.equal(got[name], ref), f"{method} rank {rank} {name}"
+                if name == "trace":
+                    continue
+                if name.endswith("indices"):
+                    assert torch.equal(got[name], ref), f"{case} rank {rank} {name}"
                 else:
-                    torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=f"{method} rank {rank} {name}")
+                    torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=f"{case} rank {rank} {name}")
+        # The adapter: written once (rank 0), equal to the single-process one.
+        assert not (tmp_path / f"{case}-adapter-rank1").exists(), "rank 1 wrote an adapter"
+        saved, ref = load_file(tmp_path / f"{case}-adapter" / "adapter_model.safetensors"), \
+            load_file(tmp_path / f"{case}-reference" / "adapter_model.safetensors")
+        assert saved.keys() == ref.keys()
+        for key in ref:
+            if ref[key].dtype == torch.int32:
+                assert torch.equal(saved[key], ref[key]), f"{case} adapter {key}"
+            else:
+                torch.testing.assert_close(saved[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"{case} adapter {key}")

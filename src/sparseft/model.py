@@ -235,8 +235,17 @@ class SparseModel(nn.Module):
         }
 
     def save_pretrained(self, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically)."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically).
+
+        Under torch.distributed only the main process (rank 0) writes: the values and
+        index sets are the same on every rank (``sparseft.distributed``). No collective is
+        involved, so calling it on rank 0 alone (as ``transformers.Trainer`` does) is fine.
+        """
+        from .distributed import is_main_process
+
         out = Path(path)
+        if not is_main_process():
+            return out
         out.mkdir(parents=True, exist_ok=True)
         tensors = self.adapter_tensors()
         _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
