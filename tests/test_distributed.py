@@ -12,6 +12,7 @@ One spawn runs every case: starting processes is the slow part.
 import datetime
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
-from sparseft.distributed import index_sets_agree
+from sparseft.distributed import full_tensor, fully_shard_sparse, index_sets_agree
 
 STEPS, PER_RANK = 4, 4
 CONFIGS = {
@@ -35,14 +36,21 @@ CONFIGS = {
 # Run through sparseft.train (DDP wrapper built inside, gradient accumulation, clipping,
 # warmup schedule) rather than the bare controller loop.
 TRAIN_LOOP = {"dynamic-gradient-train": "dynamic-gradient", "id3-train": "id3"}
-CASES = list(CONFIGS) + list(TRAIN_LOOP)
+# transformers.Trainer (accelerate's DDP wrapper, its data sharding, clipping before any callback).
+TRAINER = {"dynamic-gradient-trainer": "dynamic-gradient", "id3-trainer": "id3"}
+# FSDP2: base weights sharded per BertLayer and at the root; the values stay whole.
+FSDP2 = {"fsdp2-random": "random", "fsdp2-dynamic-gradient": "dynamic-gradient-zero", "fsdp2-id3": "id3",
+         "fsdp2-grow-drop": "grow-drop", "fsdp2-dst": "dst"}
+CONFIGS["dynamic-gradient-zero"] = dict(CONFIGS["dynamic-gradient"], drop_policy="zero")
+BASE = {**TRAIN_LOOP, **TRAINER, **FSDP2}
+CASES = list(CONFIGS) + list(BASE)
 
 
 def build(kind):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                      num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    kw = dict(CONFIGS[TRAIN_LOOP.get(kind, kind)])
+    kw = dict(CONFIGS[BASE.get(kind, kind)])
     if "num_params" not in kw:
         kw["density"] = 0.1
     return sparseft.get_sparse_model(BertForSequenceClassification(cfg), sparseft.SparseConfig(seed=3, **kw),
@@ -70,7 +78,7 @@ def snapshot(model):
 def final_state(model, trace):
     out = {n: l.values.detach().clone() for n, l in model.sparse_layers().items()}
     out.update({f"{n}.indices": l.indices.clone() for n, l in model.sparse_layers().items()})
-    out.update({f"head.{n}": p.detach().clone() for n, p in model.named_parameters()
+    out.update({f"head.{n}": full_tensor(p.detach()).clone() for n, p in model.named_parameters()
                 if p.requires_grad and not n.endswith(".values")})
     out["trace"] = trace
     return out
@@ -80,6 +88,8 @@ def run_steps(model, step_batches, wrap=None, check=None):
     """The plain loop's order of calls, so methods that move entries take part."""
     from sparseft.train import SparseController
 
+    controller = SparseController(model)  # before DDP: it marks the values as DDP-ignored
+    forward = wrap(model) if wrap is not None else model
     if model.method.name == "dst":
         # Adam's first steps move every silo entry by about lr (|update| = lr*|g|/(|g|+eps)):
         # the projection's top-k then separates entries by fp32 rounding, which summing the
@@ -88,9 +98,8 @@ def run_steps(model, step_batches, wrap=None, check=None):
         params = model.sparse_parameters() + model.dense_trainable_parameters()
         opt = torch.optim.SGD(params, lr=1.0, weight_decay=0.01)
     else:
-        opt = sparseft.create_optimizer(model, lr=1e-2, weight_decay=0.01)
-    controller = SparseController(model, opt)  # before DDP: it marks the values as DDP-ignored
-    forward = wrap(model) if wrap is not None else model
+        opt = sparseft.create_optimizer(model, lr=1e-2, weight_decay=0.01)  # after FSDP2 replaced its parameters
+    controller.optimizer = opt
     controller.train_begin(len(step_batches))
     trace = []
     for step, batch in enumerate(step_batches, start=1):
@@ -129,21 +138,68 @@ def micro_batches(rank=None):
     return out
 
 
+def run_trainer(model, per_device, out_dir):
+    """transformers.Trainer with sparseft.SparseCallback, data in order (no shuffling)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer
+    from transformers import TrainingArguments as HFArguments
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    callback = sparseft.SparseCallback(model)  # before the Trainer wraps the model in DDP
+    examples = [{k: v[i] for k, v in b.items()} for b in batches() for i in range(2 * PER_RANK)]
+    args = HFArguments(output_dir=out_dir, use_cpu=True, per_device_train_batch_size=per_device, max_steps=STEPS,
+                       learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.5, report_to=[],
+                       save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+                       # BERT's forward takes **kwargs but its loss ignores num_items_in_batch: with
+                       # token averaging on, the Trainer would scale every rank's loss by the world
+                       # size (a Trainer matter, dense models too), and the runs would not compare.
+                       average_tokens_across_devices=False)
+    trace = []
+
+    class Trace(sparseft.SparseCallback.__mro__[1]):  # a plain TrainerCallback
+        def on_step_end(self, *a, **k):
+            trace.append(snapshot(model))
+
+    trainer = InOrder(model=model, args=args, train_dataset=examples, callbacks=[callback, Trace()],
+                      optimizers=(sparseft.create_optimizer(model, lr=1e-2, weight_decay=0.01), None))
+    trainer.train()
+    return final_state(model, trace)
+
+
+def run_case(case, rank, out_dir):
+    """One case on this process: ``rank`` None is the single-process reference."""
+    model = build(case)
+    if case in TRAIN_LOOP:
+        return model, run_train(model, micro_batches(rank))
+    if case in TRAINER:
+        return model, run_trainer(model, PER_RANK if rank is not None else 2 * PER_RANK,
+                                  os.path.join(out_dir, f"{case}-trainer-{rank}"))
+    if rank is None:
+        return model, run_steps(model, batches())
+    assert index_sets_agree(model)
+    wrap = fully_shard_sparse if case in FSDP2 else torch.nn.parallel.DistributedDataParallel
+    mine = [shard(b, rank) for b in batches()]
+    return model, run_steps(model, mine, wrap=wrap, check=lambda: _assert(index_sets_agree(model)))
+
+
 def worker(rank, world, store, out_dir):
     torch.set_num_threads(1)
+    # What torchrun / accelerate launch set; accelerate (under the Trainer) reads them and
+    # reuses the process group below.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
     # A timeout turns a lost peer into an error instead of a 30-minute hang.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     for case in CASES:
-        model = build(case)
+        model, got = run_case(case, rank, out_dir)
         assert index_sets_agree(model)
-        if case in TRAIN_LOOP:
-            got = run_train(model, micro_batches(rank))
-        else:
-            mine = [shard(b, rank) for b in batches()]
-            ddp = torch.nn.parallel.DistributedDataParallel
-            got = run_steps(model, mine, wrap=ddp, check=lambda: _assert(index_sets_agree(model)))
-        assert index_sets_agree(model)
+        if case in FSDP2:  # the base weights really are sharded (outside forward)
+            weight = next(iter(model.sparse_layers().values())).weight
+            assert hasattr(weight, "to_local") and weight.to_local().numel() < weight.numel()
         torch.save(got, os.path.join(out_dir, f"{case}-rank{rank}.pt"))
         # Every rank calls save_pretrained; only rank 0 writes.
         model.save_pretrained(os.path.join(out_dir, f"{case}-adapter" if rank == 0 else f"{case}-adapter-rank{rank}"))
@@ -162,36 +218,71 @@ def _moved(trace):
     return any(not torch.equal(a[n], b[n]) for a, b in zip(trace, trace[1:]) for n in a)
 
 
-def test_two_ranks_equal_one_process_with_the_double_batch(tmp_path):
-    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Both ranks run every case once (starting processes is the slow part); the parent
+    computes the single-process references."""
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(worker, args=(2, str(out / "store"), str(out)), nprocs=2, join=True)
+    references = {}
     for case in CASES:
-        model = build(case)
-        if case in TRAIN_LOOP:
-            reference = run_train(model, micro_batches())
+        if BASE.get(case, case) not in references or case in TRAIN_LOOP or case in TRAINER:
+            model, ref = run_case(case, None, str(out))
+            model.save_pretrained(out / f"{case}-reference")
+            references[case] = ref
         else:
-            reference = run_steps(model, batches())
-            if case not in ("random", "gradient-static", "dst"):
-                assert _moved(reference["trace"]), f"{case}: the test needs index sets that change"
-        model.save_pretrained(tmp_path / f"{case}-reference")
-        for rank in range(2):
-            got = torch.load(tmp_path / f"{case}-rank{rank}.pt")
-            for step, (mine, ref) in enumerate(zip(got.pop("trace"), reference["trace"]), start=1):
-                for name in ref:
-                    assert torch.equal(mine[name], ref[name]), f"{case} rank {rank} step {step} {name}"
-            for name, ref in reference.items():
-                if name == "trace":
-                    continue
-                if name.endswith("indices"):
-                    assert torch.equal(got[name], ref), f"{case} rank {rank} {name}"
-                else:
-                    torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=f"{case} rank {rank} {name}")
-        # The adapter: written once (rank 0), equal to the single-process one.
-        assert not (tmp_path / f"{case}-adapter-rank1").exists(), "rank 1 wrote an adapter"
-        saved, ref = load_file(tmp_path / f"{case}-adapter" / "adapter_model.safetensors"), \
-            load_file(tmp_path / f"{case}-reference" / "adapter_model.safetensors")
-        assert saved.keys() == ref.keys()
-        for key in ref:
-            if ref[key].dtype == torch.int32:
-                assert torch.equal(saved[key], ref[key]), f"{case} adapter {key}"
+            references[case] = references[BASE[case]]  # FSDP2 against the same single-process run
+            references[f"{case}-dir"] = BASE[case]
+    return out, references
+
+
+def check_case(out, references, case):
+    reference = references[case]
+    if case not in ("random", "gradient-static", "dst", "fsdp2-random", "fsdp2-dst") and reference["trace"]:
+        assert _moved(reference["trace"]), f"{case}: the test needs index sets that change"
+    for rank in range(2):
+        got = torch.load(out / f"{case}-rank{rank}.pt")
+        trace = got.pop("trace")
+        assert len(trace) == len(reference["trace"])
+        for step, (mine, ref) in enumerate(zip(trace, reference["trace"]), start=1):
+            for name in ref:
+                assert torch.equal(mine[name], ref[name]), f"{case} rank {rank} step {step} {name}"
+        assert got.keys() == {k for k in reference if k != "trace"}
+        for name, ref in reference.items():
+            if name == "trace":
+                continue
+            if name.endswith("indices"):
+                assert torch.equal(got[name], ref), f"{case} rank {rank} {name}"
             else:
-                torch.testing.assert_close(saved[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"{case} adapter {key}")
+                torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=f"{case} rank {rank} {name}")
+    # The adapter: written once (rank 0), equal to the single-process one.
+    assert not (out / f"{case}-adapter-rank1").exists(), "rank 1 wrote an adapter"
+    ref_dir = out / f"{references.get(f'{case}-dir', case)}-reference"
+    saved = load_file(out / f"{case}-adapter" / "adapter_model.safetensors")
+    ref = load_file(ref_dir / "adapter_model.safetensors")
+    assert saved.keys() == ref.keys()
+    for key in ref:
+        if ref[key].dtype == torch.int32:
+            assert torch.equal(saved[key], ref[key]), f"{case} adapter {key}"
+        else:
+            torch.testing.assert_close(saved[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"{case} adapter {key}")
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_ddp_two_ranks_equal_one_process_with_the_double_batch(results, case):
+    check_case(*results, case)
+
+
+@pytest.mark.parametrize("case", list(TRAIN_LOOP))
+def test_sparseft_train_under_ddp(results, case):
+    check_case(*results, case)
+
+
+@pytest.mark.parametrize("case", list(TRAINER))
+def test_trainer_with_sparse_callback_under_ddp(results, case):
+    check_case(*results, case)
+
+
+@pytest.mark.parametrize("case", list(FSDP2))
+def test_fsdp2_two_ranks_equal_one_process(results, case):
+    check_case(*results, case)

@@ -161,6 +161,40 @@ def wrap_ddp(model: Any, **ddp_kwargs: Any) -> torch.nn.Module:
     return DDP(model, **ddp_kwargs)
 
 
+def fully_shard_sparse(model: Any, block_classes: Iterable[str] | None = None, **fsdp_kwargs: Any) -> Any:
+    """Shard ``model``'s base weights with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+    Every module whose class name is in ``block_classes`` (default: the base model's
+    ``_no_split_modules``, e.g. ``LlamaDecoderLayer``) becomes one FSDP unit, then the
+    whole model does (embeddings, heads, what is left). The sparse ``values`` are passed
+    as ``ignored_params``: they stay whole on every rank (they are O(k) and change size
+    with the index sets) and ``SparseGradSync`` averages their gradients. A sparse layer's
+    frozen weight is sharded like any other; FSDP2 gathers it before the unit's forward,
+    so the delta is always applied to the unsharded weight, never to a shard. Dense
+    trainable parameters (task heads, biases) are sharded and reduced by FSDP2.
+
+    Build the optimizer after this call (FSDP2 replaces the parameters it shards).
+    Returns ``model`` (sharded in place).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    ignored = set(fsdp_kwargs.pop("ignored_params", set())) | set(model.sparse_parameters())
+    if block_classes is None:
+        block_classes = getattr(getattr(model, "base_model", model), "_no_split_modules", None) or []
+    block_classes = set(block_classes)
+    blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
+    for block in blocks:
+        fully_shard(block, ignored_params=ignored, **fsdp_kwargs)
+    fully_shard(model, ignored_params=ignored, **fsdp_kwargs)
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly FSDP2-sharded) DTensor. A collective for a
+    DTensor: every rank must call it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def broadcast_index_sets(index_sets: dict[str, torch.Tensor], src: int = 0) -> dict[str, torch.Tensor]:
     """Every rank gets rank ``src``'s index sets (lengths first, then the indices)."""
     if not is_distributed():
@@ -208,6 +242,7 @@ def barrier() -> None:
 
 
 __all__: Iterable[str] = [
-    "SparseGradSync", "all_reduce_mean_", "barrier", "broadcast_index_sets", "ignore_sparse_values",
+    "SparseGradSync", "all_reduce_mean_", "barrier", "broadcast_index_sets", "full_tensor", "fully_shard_sparse",
+    "ignore_sparse_values",
     "index_sets_agree", "is_distributed", "is_main_process", "sparse_value_names", "wrap_ddp",
 ]

@@ -213,9 +213,12 @@ class SparseModel(nn.Module):
             if layer.num_folded:
                 tensors[f"{name}.folded_indices"] = layer.folded_indices.detach().to("cpu", torch.int32).contiguous()
                 tensors[f"{name}.folded_values"] = layer.folded_values.detach().cpu().contiguous()
+        from .distributed import full_tensor
+
         for head in self.modules_to_save:
             for pname, p in self.base_model.get_submodule(head).state_dict().items():
-                tensors[f"{HEAD_PREFIX}{head}.{pname}"] = p.detach().cpu().contiguous()
+                # An FSDP2-sharded head is gathered (a collective: every rank gets here).
+                tensors[f"{HEAD_PREFIX}{head}.{pname}"] = full_tensor(p.detach()).cpu().contiguous()
         return tensors
 
     def adapter_metadata(self) -> dict[str, Any]:
@@ -238,16 +241,17 @@ class SparseModel(nn.Module):
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically).
 
         Under torch.distributed only the main process (rank 0) writes: the values and
-        index sets are the same on every rank (``sparseft.distributed``). No collective is
-        involved, so calling it on rank 0 alone (as ``transformers.Trainer`` does) is fine.
+        index sets are the same on every rank (``sparseft.distributed``). Under DDP no
+        collective is involved, so calling it on rank 0 alone is fine; with FSDP2-sharded
+        task heads every rank must call it (the heads are gathered first).
         """
         from .distributed import is_main_process
 
         out = Path(path)
+        tensors = self.adapter_tensors()
         if not is_main_process():
             return out
         out.mkdir(parents=True, exist_ok=True)
-        tensors = self.adapter_tensors()
         _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         meta = {"sparse_config": self.sparse_config.to_dict(), **self.adapter_metadata(), **(extra_metadata or {}),
                 "weights_sha256": file_sha256(out / WEIGHTS_NAME)}
