@@ -191,6 +191,9 @@ class SparseDeltaLayer(nn.Module):
         self.register_buffer("_folded_base", torch.zeros(0, dtype=weight.dtype, device=weight.device), persistent=False)
         # Set by a scorer to receive the dense weight gradient on the next backward.
         self.grad_observer: Callable[[torch.Tensor], None] | None = None
+        # An empty trainable parameter kept in the graph, for DDP when nothing dense is
+        # trained (sparseft.distributed.add_ddp_anchor); None otherwise.
+        self.ddp_anchor: nn.Parameter | None = None
         self.set_indices(indices)
 
     # -- index surgery ------------------------------------------------------------
@@ -303,15 +306,18 @@ class SparseDeltaLayer(nn.Module):
         if self.num_entries == 0 and self.grad_observer is None:
             out = self.base_layer(x)
             if self.values.requires_grad and torch.is_grad_enabled():
-                # Keep the (empty) values in the graph: DDP expects a gradient for every
-                # parameter, also from a layer that a global top-k left without entries.
+                # Keep the (empty) values in the graph: every values parameter then gets a
+                # gradient (an empty one here) in every backward pass, on every rank.
                 out = out + self.values.sum()
-            return out
-        bias = self.base_layer.bias
-        return SparseDeltaFunction.apply(
-            x, self.weight, bias, self.values, self.indices, self.layout,
-            self.transposed, self.backend, self.grad_observer,
-        )
+        else:
+            bias = self.base_layer.bias
+            out = SparseDeltaFunction.apply(
+                x, self.weight, bias, self.values, self.indices, self.layout,
+                self.transposed, self.backend, self.grad_observer,
+            )
+        if self.ddp_anchor is not None and torch.is_grad_enabled():
+            out = out + self.ddp_anchor.sum()  # an empty sum: 0, so the output is unchanged
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         """The dense delta S (same shape and layout as the base weight)."""

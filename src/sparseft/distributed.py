@@ -90,11 +90,45 @@ def ignore_sparse_values(model: Any) -> None:
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if launched_distributed():
+        add_ddp_anchor(model)
     for module in (model, getattr(model, "base_model", None)):
         if module is None:
             continue
         names = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(sparse_value_names(module, model))
         DDP._set_params_and_buffers_to_ignore_for_model(module, sorted(names))
+
+
+def launched_distributed() -> bool:
+    """A process group exists, or a launcher (torchrun, accelerate launch) started several
+    processes (the group may be created later, e.g. by accelerate)."""
+    import os
+
+    return is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def add_ddp_anchor(model: Any) -> bool:
+    """Give DDP a parameter to manage when only sparse values are trained.
+
+    DDP refuses a module with no trainable parameter it manages ("DistributedDataParallel
+    is not needed when a module doesn't have any parameter that requires a gradient"), and
+    accelerate / ``transformers.Trainer`` wrap every trainable model in DDP. With the values
+    ignored, a causal LM trained through its sparse deltas alone has none. The anchor is an
+    empty (0-element) trainable parameter on the first sparse layer, added to that layer's
+    output as an empty sum (0): it is in every graph, so DDP gets its (empty) gradient each
+    step without ``find_unused_parameters``; it is never in sparseft's optimizer, counted,
+    or saved in the adapter. Returns whether an anchor was added.
+    """
+    layers = list(model.sparse_layers().values())
+    if not layers or any(getattr(layer, "ddp_anchor", None) is not None for layer in layers):
+        return False
+    if any(p.requires_grad for p in model.dense_trainable_parameters()):
+        return False
+    first = layers[0]
+    anchor = torch.nn.Parameter(torch.zeros(0, dtype=first.values.dtype, device=first.values.device))
+    anchor._sparseft_ddp_anchor = True
+    first.ddp_anchor = anchor
+    return True
 
 
 class SparseGradSync:
@@ -178,7 +212,8 @@ def fully_shard_sparse(model: Any, block_classes: Iterable[str] | None = None, *
     """
     from torch.distributed.fsdp import fully_shard
 
-    ignored = set(fsdp_kwargs.pop("ignored_params", set())) | set(model.sparse_parameters())
+    anchors = {layer.ddp_anchor for layer in model.sparse_layers().values() if layer.ddp_anchor is not None}
+    ignored = set(fsdp_kwargs.pop("ignored_params", set())) | set(model.sparse_parameters()) | anchors
     if block_classes is None:
         block_classes = getattr(getattr(model, "base_model", model), "_no_split_modules", None) or []
     block_classes = set(block_classes)
@@ -242,7 +277,7 @@ def barrier() -> None:
 
 
 __all__: Iterable[str] = [
-    "SparseGradSync", "all_reduce_mean_", "barrier", "broadcast_index_sets", "full_tensor", "fully_shard_sparse",
-    "ignore_sparse_values",
-    "index_sets_agree", "is_distributed", "is_main_process", "sparse_value_names", "wrap_ddp",
+    "SparseGradSync", "add_ddp_anchor", "all_reduce_mean_", "barrier", "broadcast_index_sets", "full_tensor",
+    "fully_shard_sparse", "ignore_sparse_values", "index_sets_agree", "is_distributed", "is_main_process",
+    "launched_distributed", "sparse_value_names", "wrap_ddp",
 ]

@@ -100,7 +100,8 @@ class SparseModel(nn.Module):
     def dense_trainable_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters that are not sparse values (task heads, biases)."""
         sparse_ids = {id(p) for p in self.sparse_parameters()}
-        return [p for p in self.base_model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+        return [p for p in self.base_model.parameters()
+                if p.requires_grad and id(p) not in sparse_ids and not getattr(p, "_sparseft_ddp_anchor", False)]
 
     def target_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: linear_shape(layer.base_layer) for name, layer in self.sparse_layers().items()}
