@@ -41,9 +41,11 @@ TRAIN_LOOP = {"dynamic-gradient-train": "dynamic-gradient", "id3-train": "id3"}
 # DDP needs sparseft's empty anchor parameter to accept it.
 TRAINER = {"dynamic-gradient-trainer": "dynamic-gradient", "id3-trainer": "id3", "llama-trainer": "random"}
 # FSDP2: base weights sharded per BertLayer and at the root; the values stay whole.
-FSDP2 = {"fsdp2-random": "random", "fsdp2-dynamic-gradient": "dynamic-gradient-zero", "fsdp2-id3": "id3",
-         "fsdp2-grow-drop": "grow-drop", "fsdp2-dst": "dst"}
+# Rescoring by snip and d3 with an exponent reads the sharded frozen weights (gathered).
+FSDP2 = {"fsdp2-random": "random", "fsdp2-dynamic-gradient": "dynamic-gradient-zero", "fsdp2-dynamic-snip": "dynamic-snip",
+         "fsdp2-id3": "id3", "fsdp2-id3-every2": "id3-every2", "fsdp2-grow-drop": "grow-drop", "fsdp2-dst": "dst"}
 CONFIGS["dynamic-gradient-zero"] = dict(CONFIGS["dynamic-gradient"], drop_policy="zero")
+CONFIGS["dynamic-snip"] = dict(CONFIGS["dynamic-gradient"], method="snip", drop_policy="zero")
 BASE = {**TRAIN_LOOP, **TRAINER, **FSDP2}
 CASES = list(CONFIGS) + list(BASE)
 

@@ -233,6 +233,15 @@ class SparseDeltaLayer(nn.Module):
         self.values.grad = None
         self._layout = None
 
+    def _require_whole_weight(self, what: str) -> None:
+        # FSDP2 keeps the base weight as a sharded DTensor outside forward: writing entries
+        # into it by flat position would need each rank to find its shard's part.
+        if hasattr(self.weight, "to_local"):
+            raise RuntimeError(
+                f"{what} writes into the base weight, which FSDP2 has sharded: not supported "
+                "(under FSDP2 use drop_policy='zero'; merge after loading the adapter on an unsharded model)"
+            )
+
     # -- folded (merged-and-dropped) entries ---------------------------------------
     @property
     def num_folded(self) -> int:
@@ -245,6 +254,7 @@ class SparseDeltaLayer(nn.Module):
         A position folded twice accumulates its folded value; the weight is always
         recomputed as ``W0 + folded`` from the pristine ``W0``.
         """
+        self._require_whole_weight("folding dropped entries (drop_policy='merge')")
         if self.merged:
             raise RuntimeError("unmerge the delta before folding entries into the base weight")
         indices = validate_indices(indices, self.weight.numel()).to(self.weight.device)
@@ -268,6 +278,7 @@ class SparseDeltaLayer(nn.Module):
     @torch.no_grad()
     def set_folded(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Apply a saved fold record to a pristine base weight (adapter load)."""
+        self._require_whole_weight('replaying folded entries')
         if self.merged or self.num_folded:
             raise RuntimeError("set_folded needs a pristine, unmerged base weight")
         indices = validate_indices(indices, self.weight.numel()).to(self.weight.device)
@@ -333,6 +344,7 @@ class SparseDeltaLayer(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Write the delta into the base weight; ``unmerge`` restores it exactly."""
+        self._require_whole_weight('merge')
         if self.merged:
             return
         flat = self.weight.view(-1)

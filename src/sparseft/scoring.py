@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .delta import SparseDeltaLayer
-from .distributed import all_reduce_mean_
+from .distributed import all_reduce_mean_, full_tensor
 
 ScoreFn = Callable[..., dict[str, torch.Tensor]]
 Batch = Mapping[str, Any]
@@ -194,7 +194,9 @@ def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batc
 
 
 def _weight(layer: SparseDeltaLayer) -> torch.Tensor:
-    return layer.weight.detach()
+    """The frozen weight, whole: an FSDP2-sharded one is gathered (a collective; under
+    FSDP2 every rank scores at the same step, so every rank gets here)."""
+    return full_tensor(layer.weight.detach())
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -209,7 +211,7 @@ def random_scores(layers: Mapping[str, SparseDeltaLayer], seed: int = 0, **_: ob
 def magnitude_scores(layers: Mapping[str, SparseDeltaLayer], order: str = "largest", **_: object) -> dict[str, torch.Tensor]:
     """|w|, or -|w| to prefer the smallest weights (PaFi)."""
     sign = 1.0 if order == "largest" else -1.0
-    return {name: sign * layer.weight.detach().float().abs().reshape(-1) for name, layer in layers.items()}
+    return {name: sign * _weight(layer).float().abs().reshape(-1) for name, layer in layers.items()}
 
 
 def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], grads: GradientSum,
