@@ -303,3 +303,47 @@ def test_trainer_with_sparse_callback_under_ddp(results, case):
 @pytest.mark.parametrize("case", list(FSDP2))
 def test_fsdp2_two_ranks_equal_one_process(results, case):
     check_case(*results, case)
+
+
+# ---- single-process checks of the glue (no process group) ------------------------------
+def test_controller_marks_values_ignored_by_ddp_on_both_models_and_adds_no_anchor_alone():
+    from sparseft.train import SparseController
+
+    model = build("id3")
+    controller = SparseController(model)
+    names = set(model._ddp_params_and_buffers_to_ignore)
+    assert names == {f"base_model.{n}.values" for n in model.target_names}
+    assert set(model.base_model._ddp_params_and_buffers_to_ignore) == {f"{n}.values" for n in model.target_names}
+    assert all(layer.ddp_anchor is None for layer in model.sparse_layers().values())  # one process: no anchor
+    controller.train_begin(STEPS)
+    assert controller.grad_sync.handles == []  # and no gradient hooks
+    controller.train_end()
+
+
+def test_anchor_only_when_nothing_dense_is_trained(monkeypatch):
+    from sparseft.distributed import add_ddp_anchor
+
+    assert not add_ddp_anchor(build("random"))  # the classifier head is trained densely
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, before the group exists
+    model = build("llama-trainer")
+    from sparseft.train import SparseController
+
+    SparseController(model)
+    anchors = [layer.ddp_anchor for layer in model.sparse_layers().values() if layer.ddp_anchor is not None]
+    assert len(anchors) == 1 and anchors[0].numel() == 0 and anchors[0].requires_grad
+    assert model.dense_trainable_parameters() == []  # not in the optimizer, not counted
+    assert not any(k.endswith("ddp_anchor") for k in model.adapter_tensors())
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    out = model(input_ids=ids).logits  # grad enabled: the anchor joins the graph, adds 0
+    assert torch.equal(out.detach(), plain)
+    out.sum().backward()
+    assert anchors[0].grad is not None and anchors[0].grad.numel() == 0
+
+
+def test_fully_shard_sparse_refuses_the_merge_drop_policy():
+    model = build("dynamic-gradient")
+    assert model.sparse_config.drop_policy == "merge"
+    with pytest.raises(ValueError, match="drop_policy='zero'"):
+        fully_shard_sparse(model)

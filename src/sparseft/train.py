@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import is_distributed, is_main_process, wrap_ddp
+from .distributed import is_distributed, is_main_process, launched_distributed, wrap_ddp
 from .optim import SparseAdamW
 
 
@@ -164,7 +164,7 @@ class SparseController:
 
     def train_begin(self, total_steps: int | None, optimizer: Any = None) -> None:
         self.active_counts = []
-        if self.grad_sync is not None:
+        if self.grad_sync is not None and launched_distributed():  # one process: no hooks at all
             self.grad_sync.attach()
         if self.method is not None:
             self.method.on_train_begin(total_steps, self.model)
