@@ -39,7 +39,9 @@ TRAIN_LOOP = {"dynamic-gradient-train": "dynamic-gradient", "id3-train": "id3"}
 # transformers.Trainer (accelerate's DDP wrapper, its data sharding, clipping before any callback).
 # "llama-trainer": a causal LM that trains nothing dense (tied embeddings, no task head):
 # DDP needs sparseft's empty anchor parameter to accept it.
-TRAINER = {"dynamic-gradient-trainer": "dynamic-gradient", "id3-trainer": "id3", "llama-trainer": "random"}
+# "-ga": two micro-batches per optimizer step (gradient_accumulation_steps=2).
+TRAINER = {"dynamic-gradient-trainer": "dynamic-gradient", "id3-trainer": "id3", "id3-trainer-ga": "id3",
+           "llama-trainer": "random"}
 # FSDP2: base weights sharded per BertLayer and at the root; the values stay whole.
 # Rescoring by snip and d3 with an exponent reads the sharded frozen weights (gathered).
 FSDP2 = {"fsdp2-random": "random", "fsdp2-dynamic-gradient": "dynamic-gradient-zero", "fsdp2-dynamic-snip": "dynamic-snip",
@@ -150,7 +152,7 @@ def micro_batches(rank=None):
     return out
 
 
-def run_trainer(model, per_device, out_dir):
+def run_trainer(model, per_device, out_dir, accumulate=1):
     """transformers.Trainer with sparseft.SparseCallback, data in order (no shuffling)."""
     from torch.utils.data import SequentialSampler
     from transformers import Trainer
@@ -164,7 +166,8 @@ def run_trainer(model, per_device, out_dir):
     examples = [{k: v[i] for k, v in b.items()} for b in batches() for i in range(2 * PER_RANK)]
     if not hasattr(model.base_model, "classifier"):  # causal LM: predict the sequence itself
         examples = [{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in examples]
-    args = HFArguments(output_dir=out_dir, use_cpu=True, per_device_train_batch_size=per_device, max_steps=STEPS,
+    args = HFArguments(output_dir=out_dir, use_cpu=True, per_device_train_batch_size=per_device // accumulate,
+                       gradient_accumulation_steps=accumulate, max_steps=STEPS,
                        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.5, report_to=[],
                        save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                        # BERT's forward takes **kwargs but its loss ignores num_items_in_batch: with
@@ -189,8 +192,12 @@ def run_case(case, rank, out_dir):
     if case in TRAIN_LOOP:
         return model, run_train(model, micro_batches(rank))
     if case in TRAINER:
+        # With accumulation, accelerate deals the per-device micro-batches out in turn:
+        # rank r's micro-batches of step 1 are examples [2r, 2r+2) and [4+2r, 6+2r), one
+        # process's are [0, 4) and [4, 8): the same 8 examples per optimizer step.
         return model, run_trainer(model, PER_RANK if rank is not None else 2 * PER_RANK,
-                                  os.path.join(out_dir, f"{case}-trainer-{rank}"))
+                                  os.path.join(out_dir, f"{case}-trainer-{rank}"),
+                                  accumulate=2 if case.endswith("-ga") else 1)
     if rank is None:
         return model, run_steps(model, batches())
     assert index_sets_agree(model)
