@@ -354,6 +354,10 @@ class SparseCallback(TrainerCallback):
     Pass ``optimizers=(sparseft.create_optimizer(model, lr), None)`` to the Trainer so
     methods that move entries get per-entry optimizer state; static methods also work
     with the Trainer's own AdamW.
+
+    Multi-process (``accelerate launch`` / ``torchrun``): create the callback before the
+    Trainer starts training (it marks the sparse values as DDP-ignored before the Trainer
+    wraps the model, then averages their gradients itself; see docs/distributed.md).
     """
 
     def __init__(self, model: Any):
