@@ -205,6 +205,9 @@ class SparseDeltaLayer(nn.Module):
         self.register_buffer("_folded_base", torch.zeros(0, dtype=weight.dtype, device=weight.device), persistent=False)
         # Set by a scorer to receive the dense weight gradient on the next backward.
         self.grad_observer: Callable[[torch.Tensor], None] | None = None
+        # An empty trainable parameter kept in the graph, for DDP when nothing dense is
+        # trained (sparseft.distributed.add_ddp_anchor); None otherwise.
+        self.ddp_anchor: nn.Parameter | None = None
         self.set_indices(indices)
 
     # -- index surgery ------------------------------------------------------------
@@ -244,6 +247,15 @@ class SparseDeltaLayer(nn.Module):
         self.values.grad = None
         self._layout = None
 
+    def _require_whole_weight(self, what: str) -> None:
+        # FSDP2 keeps the base weight as a sharded DTensor outside forward: writing entries
+        # into it by flat position would need each rank to find its shard's part.
+        if hasattr(self.weight, "to_local"):
+            raise RuntimeError(
+                f"{what} writes into the base weight, which FSDP2 has sharded: not supported "
+                "(under FSDP2 use drop_policy='zero'; merge after loading the adapter on an unsharded model)"
+            )
+
     # -- folded (merged-and-dropped) entries ---------------------------------------
     @property
     def num_folded(self) -> int:
@@ -256,6 +268,7 @@ class SparseDeltaLayer(nn.Module):
         A position folded twice accumulates its folded value; the weight is always
         recomputed as ``W0 + folded`` from the pristine ``W0``.
         """
+        self._require_whole_weight("folding dropped entries (drop_policy='merge')")
         if self.merged:
             raise RuntimeError("unmerge the delta before folding entries into the base weight")
         indices = validate_indices(indices, self.weight.numel()).to(self.weight.device)
@@ -279,6 +292,7 @@ class SparseDeltaLayer(nn.Module):
     @torch.no_grad()
     def set_folded(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Apply a saved fold record to a pristine base weight (adapter load)."""
+        self._require_whole_weight('replaying folded entries')
         if self.merged or self.num_folded:
             raise RuntimeError("set_folded needs a pristine, unmerged base weight")
         indices = validate_indices(indices, self.weight.numel()).to(self.weight.device)
@@ -317,15 +331,18 @@ class SparseDeltaLayer(nn.Module):
         if self.num_entries == 0 and self.grad_observer is None:
             out = self.base_layer(x)
             if self.values.requires_grad and torch.is_grad_enabled():
-                # Keep the (empty) values in the graph: DDP expects a gradient for every
-                # parameter, also from a layer that a global top-k left without entries.
+                # Keep the (empty) values in the graph: every values parameter then gets a
+                # gradient (an empty one here) in every backward pass, on every rank.
                 out = out + self.values.sum()
-            return out
-        bias = self.base_layer.bias
-        return SparseDeltaFunction.apply(
-            x, self.weight, bias, self.values, self.indices, self.layout,
-            self.transposed, self.backend, self.grad_observer,
-        )
+        else:
+            bias = self.base_layer.bias
+            out = SparseDeltaFunction.apply(
+                x, self.weight, bias, self.values, self.indices, self.layout,
+                self.transposed, self.backend, self.grad_observer,
+            )
+        if self.ddp_anchor is not None and torch.is_grad_enabled():
+            out = out + self.ddp_anchor.sum()  # an empty sum: 0, so the output is unchanged
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         """The dense delta S (same shape and layout as the base weight)."""
@@ -341,6 +358,7 @@ class SparseDeltaLayer(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Write the delta into the base weight; ``unmerge`` restores it exactly."""
+        self._require_whole_weight('merge')
         if self.merged:
             return
         flat = self.weight.view(-1)

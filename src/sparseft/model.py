@@ -100,7 +100,8 @@ class SparseModel(nn.Module):
     def dense_trainable_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters that are not sparse values (task heads, biases)."""
         sparse_ids = {id(p) for p in self.sparse_parameters()}
-        return [p for p in self.base_model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+        return [p for p in self.base_model.parameters()
+                if p.requires_grad and id(p) not in sparse_ids and not getattr(p, "_sparseft_ddp_anchor", False)]
 
     def target_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: linear_shape(layer.base_layer) for name, layer in self.sparse_layers().items()}
@@ -213,9 +214,12 @@ class SparseModel(nn.Module):
             if layer.num_folded:
                 tensors[f"{name}.folded_indices"] = layer.folded_indices.detach().to("cpu", torch.int32).contiguous()
                 tensors[f"{name}.folded_values"] = layer.folded_values.detach().cpu().contiguous()
+        from .distributed import full_tensor
+
         for head in self.modules_to_save:
             for pname, p in self.base_model.get_submodule(head).state_dict().items():
-                tensors[f"{HEAD_PREFIX}{head}.{pname}"] = p.detach().cpu().contiguous()
+                # An FSDP2-sharded head is gathered (a collective: every rank gets here).
+                tensors[f"{HEAD_PREFIX}{head}.{pname}"] = full_tensor(p.detach()).cpu().contiguous()
         return tensors
 
     def adapter_metadata(self) -> dict[str, Any]:
@@ -235,10 +239,20 @@ class SparseModel(nn.Module):
         }
 
     def save_pretrained(self, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically)."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically).
+
+        Under torch.distributed only the main process (rank 0) writes: the values and
+        index sets are the same on every rank (``sparseft.distributed``). Under DDP no
+        collective is involved, so calling it on rank 0 alone is fine; with FSDP2-sharded
+        task heads every rank must call it (the heads are gathered first).
+        """
+        from .distributed import is_main_process
+
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = self.adapter_tensors()
+        if not is_main_process():
+            return out
+        out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         meta = {"sparse_config": self.sparse_config.to_dict(), **self.adapter_metadata(), **(extra_metadata or {}),
                 "weights_sha256": file_sha256(out / WEIGHTS_NAME)}

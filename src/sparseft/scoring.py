@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .delta import SparseDeltaLayer
+from .distributed import all_reduce_mean_, full_tensor
 
 ScoreFn = Callable[..., dict[str, torch.Tensor]]
 Batch = Mapping[str, Any]
@@ -162,8 +163,6 @@ class GradientSum:
     def pop(self) -> dict[str, torch.Tensor]:
         """The sums, averaged over ranks under torch.distributed (so every rank makes the
         same index choice), leaving this sum empty."""
-        from .distributed import all_reduce_mean_
-
         buffers, self.buffers = self.buffers, {}
         all_reduce_mean_(buffers)
         return buffers
@@ -190,11 +189,14 @@ def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batc
         for b in batches:
             acc.scale = batch_size(b) / total
             _backward_to_values(_loss(model, _to_device(b, device)), layers)
+    all_reduce_mean_(acc.buffers)  # under torch.distributed: every rank scores (and selects) alike
     return acc
 
 
 def _weight(layer: SparseDeltaLayer) -> torch.Tensor:
-    return layer.weight.detach()
+    """The frozen weight, whole: an FSDP2-sharded one is gathered (a collective; under
+    FSDP2 every rank scores at the same step, so every rank gets here)."""
+    return full_tensor(layer.weight.detach())
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -209,7 +211,7 @@ def random_scores(layers: Mapping[str, SparseDeltaLayer], seed: int = 0, **_: ob
 def magnitude_scores(layers: Mapping[str, SparseDeltaLayer], order: str = "largest", **_: object) -> dict[str, torch.Tensor]:
     """|w|, or -|w| to prefer the smallest weights (PaFi)."""
     sign = 1.0 if order == "largest" else -1.0
-    return {name: sign * layer.weight.detach().float().abs().reshape(-1) for name, layer in layers.items()}
+    return {name: sign * _weight(layer).float().abs().reshape(-1) for name, layer in layers.items()}
 
 
 def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], grads: GradientSum,
@@ -267,6 +269,7 @@ def fisher_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | Non
         for b in batches:
             for example in split_examples(b):
                 _backward_to_values(_loss(model, _to_device(example, device)), layers)
+    all_reduce_mean_(acc.buffers)
     return {name: acc.get(name, layer).reshape(-1) for name, layer in layers.items()}
 
 
@@ -317,6 +320,7 @@ def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
                     hg[i] = h.float() if hg[i] is None else hg[i].add_(h.float())
             del hvp, z
     del stopped
+    all_reduce_mean_({str(i): h for i, h in enumerate(hg) if h is not None})
     scores = {}
     for i, name in enumerate(names):
         h = hg[i] if hg[i] is not None else torch.zeros(layers[name].weight.shape, dtype=torch.float32,

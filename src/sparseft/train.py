@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import is_distributed, is_main_process, launched_distributed, wrap_ddp
 from .optim import SparseAdamW
 
 
@@ -138,12 +139,24 @@ class SparseController:
     the optimizer step), ``after_optimizer_step(t)``. ``train_begin(total_steps)`` and
     ``train_end()`` bracket the run. The controller also counts the entries trained at each
     step (``mean_active_entries``).
+
+    Under torch.distributed the controller also owns the sparse values' gradient sync
+    (``sparseft.distributed``): on construction it tells DDP to ignore the values (so it
+    must be built before the DDP / accelerate / Trainer wrapper is), and between
+    ``train_begin`` and ``train_end`` it averages their gradients over ranks at the end
+    of every backward pass.
     """
 
     def __init__(self, model: Any, optimizer: Any = None):
+        from .distributed import SparseGradSync, ignore_sparse_values
+
         self.model = model
         self.optimizer = optimizer
         self.active_counts: list[int] = []
+        self.grad_sync = None
+        if hasattr(model, "sparse_parameters"):
+            ignore_sparse_values(model)
+            self.grad_sync = SparseGradSync(model)
 
     @property
     def method(self) -> Any:
@@ -151,6 +164,8 @@ class SparseController:
 
     def train_begin(self, total_steps: int | None, optimizer: Any = None) -> None:
         self.active_counts = []
+        if self.grad_sync is not None and launched_distributed():  # one process: no hooks at all
+            self.grad_sync.attach()
         if self.method is not None:
             self.method.on_train_begin(total_steps, self.model)
 
@@ -173,6 +188,8 @@ class SparseController:
         return sum(self.active_counts) / len(self.active_counts) if self.active_counts else None
 
     def train_end(self, optimizer: Any = None) -> None:
+        if self.grad_sync is not None:
+            self.grad_sync.detach()
         if self.method is not None:
             self.method.on_train_end(self.model, optimizer or self.optimizer)
 
@@ -229,8 +246,14 @@ def train(
     if optimizer is None:
         optimizer = create_optimizer(model, args.lr, args.weight_decay, args.head_lr)
     scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total), total)
-    controller = SparseController(model, optimizer)
+    controller = SparseController(model, optimizer)  # before the DDP wrapper: it marks the values as DDP-ignored
     device = next(model.parameters()).device
+    # Under torch.distributed (torchrun / accelerate launch) dense trainable parameters are
+    # reduced by DDP and the sparse values by the controller; each rank feeds its own shard
+    # of the data (give ``train_loader`` a DistributedSampler).
+    forward = model
+    if is_distributed() and any(p.requires_grad for p in model.dense_trainable_parameters()):
+        forward = wrap_ddp(model)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     generator = getattr(train_loader, "generator", None)
     result = TrainResult()
@@ -262,7 +285,7 @@ def train(
             if loop["micro_in_epoch"] % args.grad_accum == 0:
                 controller.before_optimizer_step(result.steps + 1)
                 step_finite = True
-            loss = model(**batch).loss
+            loss = forward(**batch).loss
             (loss / args.grad_accum).backward()
             step_loss += loss.item() / args.grad_accum
             result.tokens += _count_tokens(batch)
@@ -298,7 +321,7 @@ def train(
                 model.train()
                 step_start = time.perf_counter()
                 eval_seconds += step_start - eval_start
-            if checkpoint_dir and args.save_every and result.steps % args.save_every == 0:
+            if checkpoint_dir and args.save_every and result.steps % args.save_every == 0 and is_main_process():
                 state = {**loop, "steps": result.steps, "tokens": result.tokens, "losses": result.losses,
                          "step_times": result.step_times, "history": result.history,
                          "skipped_steps": result.skipped_steps, "active_counts": controller.active_counts}
@@ -331,6 +354,10 @@ class SparseCallback(TrainerCallback):
     Pass ``optimizers=(sparseft.create_optimizer(model, lr), None)`` to the Trainer so
     methods that move entries get per-entry optimizer state; static methods also work
     with the Trainer's own AdamW.
+
+    Multi-process (``accelerate launch`` / ``torchrun``): create the callback before the
+    Trainer starts training (it marks the sparse values as DDP-ignored before the Trainer
+    wraps the model, then averages their gradients itself; see docs/distributed.md).
     """
 
     def __init__(self, model: Any):

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..distributed import full_tensor
 from ..scoring import GradientSum
 from ..select import resolve_budget
 from .base import Method
@@ -163,7 +164,8 @@ class ID3(Method):
         cfg = self.config
         scores = {}
         for name, layer in layers.items():
-            s = d3_score(grads[name], layer.weight, cfg.d3_epsilon, cfg.d3_exponent)
+            s = d3_score(grads[name], full_tensor(layer.weight) if cfg.d3_exponent else layer.weight,
+                         cfg.d3_epsilon, cfg.d3_exponent)
             s[layer.indices.long()] = float("-inf")  # only still-masked entries compete
             scores[name] = s
         grow(model, global_topk(scores, k), optimizer, grads)
