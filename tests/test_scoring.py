@@ -231,3 +231,60 @@ def test_config_roundtrip_keeps_new_fields():
     cfg = SparseConfig(method="d3", schedule="dynamic", update_every=16, score_window=2, drop_policy="zero",
                        calib_examples=64, d3_epsilon=1e-2, d3_exponent=0.5)
     assert SparseConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------ micro-batches, grasp groups
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("method", ["gradient", "snip", "taylor", "d3", "grasp"])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_micro_batched_scoring_equals_whole_batch_scoring(arch, method, micro):
+    """Splitting the calibration batches (2 and 3 examples, padded; gpt2's token labels
+    have -100 on padding) into micro-batches gives the whole-batch scores to fp32 tolerance."""
+    model, _ = wrapped(arch)
+    batches = calib_batches(arch)
+    layers = model.sparse_layers()
+    whole = compute_scores(method, layers, model=model, data=batches, d3_exponent=1.0)
+    split = compute_scores(method, layers, model=model, data=batches, d3_exponent=1.0, micro_batch=micro)
+    assert_scores_close(split, [whole[n] for n in model.target_names], model.target_names, rtol=1e-4, atol_frac=1e-5)
+
+
+def test_loss_items_follow_the_loss_normalisation():
+    from sparseft.scoring import loss_items, micro_batches
+
+    gpt2, _ = wrapped("gpt2")
+    bert, _ = wrapped("bert")
+    b = calib_batches("gpt2")[0]  # 2 x 6 tokens, the second has 2 padding tokens labelled -100
+    assert loss_items(gpt2, b) == 5 + 3  # causal LM: the first token of each row is never a target
+    assert loss_items(bert, calib_batches("bert")[1]) == 3  # one label per example
+    pieces = list(micro_batches(gpt2, b, 1))
+    assert [w for _, w in pieces] == [5 / 8, 3 / 8]
+    # A piece with nothing to predict (mean loss NaN) is skipped, not weighted by zero.
+    b = {k: v.clone() for k, v in b.items()}
+    b["labels"][1] = -100
+    assert [w for _, w in micro_batches(gpt2, b, 1)] == [1.0]
+    assert list(micro_batches(gpt2, b, None))[0][1] == 1.0
+
+
+@pytest.mark.parametrize("selection", ["global", "per-layer"])
+@pytest.mark.parametrize("fraction", [0.0, 0.3])
+def test_grasp_select_in_groups_equals_topk_of_the_dense_scores(selection, fraction):
+    from sparseft.scoring import grasp_groups, grasp_select
+
+    for arch in ("bert", "gpt2"):
+        model, _ = wrapped(arch)
+        layers = model.sparse_layers()
+        batches = calib_batches(arch)
+        groups = grasp_groups(layers, fraction)
+        assert [n for g in groups for n in g] == list(layers) and len(groups) > 1
+        budget = sum(layer.weight.numel() for layer in layers.values()) // 20
+        expected = select_topk(compute_scores("grasp", layers, model=model, data=batches), budget, selection)
+        got = grasp_select(layers, budget, selection, model=model, data=batches, group_fraction=fraction)
+        assert all(torch.equal(got[n], expected[n]) for n in layers), arch
+        assert all(not layer.weight.requires_grad and layer.weight.grad is None for layer in layers.values())
+        assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "2"])
+def test_bad_calib_micro_batch(value):
+    with pytest.raises(ConfigError, match="calib_micro_batch"):
+        SparseConfig(calib_micro_batch=value)

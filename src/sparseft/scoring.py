@@ -92,6 +92,49 @@ def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return loss
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model's loss shifts the labels by one (Hugging Face causal LM heads)."""
+    inner = model.base_model if getattr(model, "sparse_config", None) is not None else model
+    name = type(inner).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def loss_items(model: nn.Module, batch: Batch) -> int:
+    """How many items the model's (mean-reduced) loss averages over for this batch.
+
+    Per-example labels (1-D, or float targets): the examples. Token labels (integer, 2-D
+    or more): the tokens whose label is not -100, after the one-token shift of causal LM
+    heads. This is what the Hugging Face losses divide by.
+    """
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        return batch_size(batch)
+    keep = labels != -100
+    if _is_causal_lm(model):
+        keep = keep[..., 1:]
+    return int(keep.sum())
+
+
+def micro_batches(model: nn.Module, batch: Batch, size: int | None) -> Iterator[tuple[dict[str, Any], float]]:
+    """(micro-batch, weight) pairs with sum_m weight_m * L_m = L_batch.
+
+    Each piece holds at most ``size`` examples (None: the batch as given, weight 1).
+    The batch loss being a mean over its items (``loss_items``), a piece's weight is its
+    share of the items; pieces with no items (whose mean loss is NaN) are skipped.
+    """
+    n = batch_size(batch)
+    if size is None or size >= n:
+        yield dict(batch), 1.0
+        return
+    pieces = [{k: v[i:i + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+               for k, v in batch.items()} for i in range(0, n, size)]
+    counts = [loss_items(model, piece) for piece in pieces]
+    total = sum(counts)
+    for piece, count in zip(pieces, counts):
+        if count:
+            yield piece, count / total
+
+
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) and untouched ``.grad`` of every parameter, restored after."""
@@ -181,15 +224,22 @@ def _backward_to_values(loss: torch.Tensor, layers: Mapping[str, SparseDeltaLaye
     torch.autograd.backward(loss, inputs=[layer.values for layer in layers.values()])
 
 
-def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batches: list[Batch]) -> GradientSum:
-    """g = sum_b (n_b / N) grad L_b: the example-weighted mean gradient of the loss."""
+def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batches: list[Batch],
+                  micro_batch: int | None = None) -> GradientSum:
+    """g = sum_b (n_b / N) grad L_b: the example-weighted mean gradient of the loss.
+
+    With ``micro_batch``, each batch runs in pieces of at most that many examples,
+    weighted so that their sum is the batch's gradient (``micro_batches``): the same g,
+    with the activations of one piece alive at a time.
+    """
     acc = GradientSum()
     total = sum(batch_size(b) for b in batches)
     device = _model_device(model)
     with scoring_mode(model), observing(layers, acc.observer):
         for b in batches:
-            acc.scale = batch_size(b) / total
-            _backward_to_values(_loss(model, _to_device(b, device)), layers)
+            for piece, weight in micro_batches(model, b, micro_batch):
+                acc.scale = batch_size(b) / total * weight
+                _backward_to_values(_loss(model, _to_device(piece, device)), layers)
     return acc
 
 
@@ -236,8 +286,9 @@ def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], gr
 
 def _gradient_scorer(method: str) -> ScoreFn:
     def scorer(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-               d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, **_: object) -> dict[str, torch.Tensor]:
-        grads = mean_gradient(model, layers, calibration_batches(data, method))
+               d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, micro_batch: int | None = None,
+               **_: object) -> dict[str, torch.Tensor]:
+        grads = mean_gradient(model, layers, calibration_batches(data, method), micro_batch)
         return scores_from_gradient(method, layers, grads, d3_epsilon, d3_exponent)
 
     scorer.__name__ = f"{method}_scores"
@@ -289,41 +340,151 @@ def dense_weights(model: nn.Module, layers: Mapping[str, SparseDeltaLayer]) -> I
             layer.unmerge()
 
 
-def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-                 **_: object) -> dict[str, torch.Tensor]:
-    """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
-    mean loss; H g = d/dw (g_stopped . dL/dw) by double backward, batch by batch."""
+@contextlib.contextmanager
+def _directional(layers: Mapping[str, SparseDeltaLayer], direction: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+    """A scalar leaf e = 0 such that every targeted layer computes y + e * (x @ D^T): the
+    forward pass of L(W + e D), so dL/de = D . grad L, with no weight-sized gradient.
+
+    The layers must be merged (``dense_weights``) so that they run their base layer.
+    """
+    eps = torch.zeros((), dtype=torch.float32, requires_grad=True)
+    handles = []
+
+    def make_hook(d: torch.Tensor, transposed: bool):
+        def hook(module, args, out):
+            x = args[0]
+            dx = d.to(x.dtype)
+            extra = x.matmul(dx) if transposed else torch.nn.functional.linear(x, dx)
+            return out + eps.to(device=out.device, dtype=out.dtype) * extra
+        return hook
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.base_layer.register_forward_hook(make_hook(direction[name], layer.transposed)))
+        yield eps
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1.0) -> list[list[str]]:
+    """Consecutive layers (in order) in groups of at most ``max_fraction`` of all targeted
+    entries each (a larger layer gets a group of its own)."""
+    total = sum(layer.weight.numel() for layer in layers.values())
+    cap = max_fraction * total
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, layer in layers.items():
+        n = layer.weight.numel()
+        if groups[-1] and size + n > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
+def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
+                 micro_batch: int | None = None, groups: list[list[str]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """GraSP scores, w * (H g), yielded layer by layer (in layer order, group by group).
+
+    g (the mean gradient, one float32 buffer per targeted layer) comes first. Then, for
+    each group of layers, every calibration micro-batch runs L(W + e g) forward, the
+    first backward takes only the scalar z = dL/de = g . grad L (create_graph, no
+    weight-sized gradient), and the second backward gives H g = dz/dW for the group's
+    weights, each added to its buffer as autograd reaches it. So memory is g + one
+    group's H g + one micro-batch's double-backward graph; each extra group costs one
+    more forward and double backward over the calibration data.
+    """
+    if model is None:
+        raise ValueError("grasp needs the model")
     batches = calibration_batches(data, "grasp")
     names = list(layers)
-    g_stop = mean_gradient(model, layers, batches)
-    stopped = [g_stop.get(n, layers[n]) for n in names]
+    groups = groups or [names]
+    if [n for grp in groups for n in grp] != names:
+        raise ValueError("grasp groups must cover the layers in order")
+    g_sum = mean_gradient(model, layers, batches, micro_batch)
+    g = {n: g_sum.get(n, layers[n]) for n in names}
+    del g_sum
     total = sum(batch_size(b) for b in batches)
     device = _model_device(model)
-    hg: list[torch.Tensor | None] = [None] * len(names)
     # The fused attention kernels have no double backward: use the math one here.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with scoring_mode(model), dense_weights(model, layers) as weights, sdpa_kernel([SDPBackend.MATH]):
-        for b in batches:
-            loss = _loss(model, _to_device(b, device)) * (batch_size(b) / total)
-            grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
-            z = sum((gr.float() * s).sum() for gr, s in zip(grads, stopped) if gr is not None)
-            del grads
-            if not isinstance(z, torch.Tensor) or not z.requires_grad:
-                continue
-            hvp = torch.autograd.grad(z, weights, allow_unused=True)
-            for i, h in enumerate(hvp):
-                if h is not None:
-                    hg[i] = h.float() if hg[i] is None else hg[i].add_(h.float())
-            del hvp, z
-    del stopped
-    scores = {}
-    for i, name in enumerate(names):
-        h = hg[i] if hg[i] is not None else torch.zeros(layers[name].weight.shape, dtype=torch.float32,
-                                                        device=layers[name].weight.device)
-        scores[name] = h.mul_(_weight(layers[name])).reshape(-1)
-        hg[i] = None
-    return scores
+    for group in groups:
+        hg: dict[str, torch.Tensor] = {}
+        scale = [1.0]
+
+        def make_sink(name: str):
+            def sink(p: torch.Tensor) -> None:
+                grad = p.grad.detach().float()
+                p.grad = None
+                buf = hg.get(name)
+                if buf is None:
+                    hg[name] = grad * scale[0]
+                else:
+                    buf.add_(grad, alpha=scale[0])
+            return sink
+
+        with scoring_mode(model), dense_weights(model, layers) as weights, sdpa_kernel([SDPBackend.MATH]), \
+                _directional(layers, g) as eps:
+            by_name = dict(zip(names, weights))
+            targets = [by_name[n] for n in group]
+            for w in weights:
+                w.requires_grad_(False)
+            handles = []
+            try:
+                for n in group:
+                    by_name[n].requires_grad_(True)
+                    handles.append(by_name[n].register_post_accumulate_grad_hook(make_sink(n)))
+                for b in batches:
+                    for piece, weight in micro_batches(model, b, micro_batch):
+                        scale[0] = batch_size(b) / total * weight
+                        loss = _loss(model, _to_device(piece, device))
+                        (z,) = torch.autograd.grad(loss, eps, create_graph=True)
+                        del loss
+                        if z.requires_grad:
+                            torch.autograd.backward(z, inputs=targets)
+                        del z
+            finally:
+                for h in handles:
+                    h.remove()
+        for n in group:
+            h = hg.pop(n, None)
+            if h is None:
+                h = torch.zeros(layers[n].weight.shape, dtype=torch.float32, device=layers[n].weight.device)
+            yield n, h.mul_(_weight(layers[n])).reshape(-1)
+
+
+def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
+                 micro_batch: int | None = None, **_: object) -> dict[str, torch.Tensor]:
+    """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
+    mean loss (``grasp_stream`` with one group: g and H g of every layer held at once).
+    ``grasp_select`` chooses the same index sets with less memory."""
+    return dict(grasp_stream(layers, model, data, micro_batch))
+
+
+def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
+                 model: nn.Module | None = None, data: Any = None, micro_batch: int | None = None,
+                 group_fraction: float = 0.25) -> dict[str, torch.Tensor]:
+    """The top-``budget`` grasp index sets, the same as ``select_topk(grasp_scores(...))``.
+
+    Layers are scored in groups of at most ``group_fraction`` of the targeted entries,
+    and each group's scores go straight into a streaming top-k (``StreamingTopK``), so
+    only g, one group's H g and the running candidates (8 bytes per entry, at most twice
+    the budget) are held. When the budget exceeds an eighth of the targeted entries the
+    candidates would outweigh the score buffers: one group, dense scores, plain top-k.
+    """
+    from .select import StreamingTopK, select_topk
+
+    total = sum(layer.weight.numel() for layer in layers.values())
+    if budget * 8 > total:
+        return select_topk(grasp_scores(layers, model, data, micro_batch), budget, selection, consume=True)
+    topk = StreamingTopK({n: layer.weight.numel() for n, layer in layers.items()}, budget, selection)
+    for name, score in grasp_stream(layers, model, data, micro_batch, grasp_groups(layers, group_fraction)):
+        topk.add(name, score)
+        del score
+    return topk.result()
 
 
 def _logits(out: Any) -> torch.Tensor:
