@@ -85,7 +85,10 @@ def calibration_batches(data: Iterable[Batch] | None, method: str) -> list[Batch
 
 
 def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    out = model(**batch)
+    return _loss_of(model(**batch))
+
+
+def _loss_of(out: Any) -> torch.Tensor:
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise ValueError("calibration batches must carry labels, so that the model returns a loss")
@@ -340,31 +343,8 @@ def dense_weights(model: nn.Module, layers: Mapping[str, SparseDeltaLayer]) -> I
             layer.unmerge()
 
 
-@contextlib.contextmanager
-def _directional(layers: Mapping[str, SparseDeltaLayer], direction: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
-    """A scalar leaf e = 0 such that every targeted layer computes y + e * (x @ D^T): the
-    forward pass of L(W + e D), so dL/de = D . grad L, with no weight-sized gradient.
-
-    The layers must be merged (``dense_weights``) so that they run their base layer.
-    """
-    eps = torch.zeros((), dtype=torch.float32, requires_grad=True)
-    handles = []
-
-    def make_hook(d: torch.Tensor, transposed: bool):
-        def hook(module, args, out):
-            x = args[0]
-            dx = d.to(x.dtype)
-            extra = x.matmul(dx) if transposed else torch.nn.functional.linear(x, dx)
-            return out + eps.to(device=out.device, dtype=out.dtype) * extra
-        return hook
-
-    try:
-        for name, layer in layers.items():
-            handles.append(layer.base_layer.register_forward_hook(make_hook(direction[name], layer.transposed)))
-        yield eps
-    finally:
-        for h in handles:
-            h.remove()
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
 
 
 def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1.0) -> list[list[str]]:
@@ -389,12 +369,13 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
     """GraSP scores, w * (H g), yielded layer by layer (in layer order, group by group).
 
     g (the mean gradient, one float32 buffer per targeted layer) comes first. Then, for
-    each group of layers, every calibration micro-batch runs L(W + e g) forward, the
-    first backward takes only the scalar z = dL/de = g . grad L (create_graph, no
-    weight-sized gradient), and the second backward gives H g = dz/dW for the group's
-    weights, each added to its buffer as autograd reaches it. So memory is g + one
-    group's H g + one micro-batch's double-backward graph; each extra group costs one
-    more forward and double backward over the calibration data.
+    each group of layers, every calibration micro-batch runs forward with forward-mode
+    tangents along g (``_tangent_direction``) and one ordinary backward pass to the
+    group's weights: the tangent of a weight's gradient is d/dt grad L(W + t g) = H g
+    (forward-over-reverse; the same H g as a double backward, without keeping a second
+    backward graph). Each layer's H g is added to its buffer as autograd reaches it. So
+    memory is g + one group's H g + one micro-batch's activations with their tangents;
+    each extra group costs one more such pass over the calibration data.
     """
     if model is None:
         raise ValueError("grasp needs the model")
@@ -408,7 +389,9 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
     del g_sum
     total = sum(batch_size(b) for b in batches)
     device = _model_device(model)
-    # The fused attention kernels have no double backward: use the math one here.
+    param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    # The math attention kernel has forward-mode derivatives everywhere; use it here.
+    import torch.autograd.forward_ad as fwAD
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for group in groups:
@@ -416,9 +399,12 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
         scale = [1.0]
 
         def make_sink(name: str):
-            def sink(p: torch.Tensor) -> None:
-                grad = p.grad.detach().float()
-                p.grad = None
+            def sink(grad: torch.Tensor) -> None:
+                # A tensor hook sees the dual gradient (accumulation into .grad drops the tangent).
+                grad = fwAD.unpack_dual(grad).tangent
+                if grad is None:
+                    return  # the direction does not reach this layer's gradient
+                grad = grad.detach().float()
                 buf = hg.get(name)
                 if buf is None:
                     hg[name] = grad * scale[0]
@@ -427,28 +413,33 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
             return sink
 
         with scoring_mode(model), dense_weights(model, layers) as weights, sdpa_kernel([SDPBackend.MATH]), \
-                _directional(layers, g) as eps:
-            by_name = dict(zip(names, weights))
-            targets = [by_name[n] for n in group]
+                fwAD.dual_level():
             for w in weights:
                 w.requires_grad_(False)
+            # Each targeted weight becomes a dual tensor (primal W, tangent g; both shared,
+            # not copied), swapped in for the forward pass by functional_call.
+            duals = {n: fwAD.make_dual(w.detach(), g[n].to(w.dtype)) for n, w in zip(names, weights)}
+            targets = []
             handles = []
+            for n in group:
+                duals[n].requires_grad_(True)
+                targets.append(duals[n])
+                handles.append(duals[n].register_hook(make_sink(n)))
+                handles.append(duals[n].register_post_accumulate_grad_hook(_drop_grad))
+            overrides = {param_names[id(w)]: duals[n] for n, w in zip(names, weights)}
             try:
-                for n in group:
-                    by_name[n].requires_grad_(True)
-                    handles.append(by_name[n].register_post_accumulate_grad_hook(make_sink(n)))
                 for b in batches:
                     for piece, weight in micro_batches(model, b, micro_batch):
                         scale[0] = batch_size(b) / total * weight
-                        loss = _loss(model, _to_device(piece, device))
-                        (z,) = torch.autograd.grad(loss, eps, create_graph=True)
+                        out = torch.func.functional_call(model, overrides, (), _to_device(piece, device))
+                        loss = _loss_of(out)
+                        del out
+                        torch.autograd.backward(loss, inputs=targets)
                         del loss
-                        if z.requires_grad:
-                            torch.autograd.backward(z, inputs=targets)
-                        del z
             finally:
                 for h in handles:
                     h.remove()
+            del duals, targets, overrides
         for n in group:
             h = hg.pop(n, None)
             if h is None:
