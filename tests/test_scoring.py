@@ -288,3 +288,57 @@ def test_grasp_select_in_groups_equals_topk_of_the_dense_scores(selection, fract
 def test_bad_calib_micro_batch(value):
     with pytest.raises(ConfigError, match="calib_micro_batch"):
         SparseConfig(calib_micro_batch=value)
+
+
+def _tiny_llama():
+    """A tiny LlamaForCausalLM (SiLU MLP, grouped-query attention, rotary), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = get_sparse_model(LlamaForCausalLM(cfg).eval(), SparseConfig(method="random", num_params=1))
+    model.set_index_sets({n: torch.zeros(0, dtype=torch.int32) for n in model.target_names})
+    batches = []
+    for size, seed in ((2, 11), (3, 12)):
+        b = make_batch(batch=size, seq=6, seed=seed)
+        b["input_ids"] = b["input_ids"] % 50
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        batches.append(b)
+    return model, batches
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_grasp_forward_over_reverse_equals_double_backward(arch):
+    """The two exact ways to H g agree (llama: SiLU runs decomposed for forward-mode AD)."""
+    from sparseft.scoring import grasp_scores
+
+    if arch == "llama":
+        model, batches = _tiny_llama()
+    else:
+        model, _ = wrapped(arch)
+        batches = calib_batches(arch)
+    layers = model.sparse_layers()
+    fwd = grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
+    dbl = grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="double-backward")
+    assert_scores_close(fwd, [dbl[n] for n in model.target_names], model.target_names, rtol=1e-4, atol_frac=1e-5)
+    assert any(float(fwd[n].abs().max()) > 0 for n in fwd)
+
+
+def test_grasp_falls_back_to_double_backward(monkeypatch):
+    from sparseft import scoring
+
+    model, _ = wrapped("gpt2")
+    layers = model.sparse_layers()
+    batches = calib_batches("gpt2")
+    expected = scoring.grasp_scores(layers, model=model, data=batches, hg_method="double-backward")
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with aten::something_backward that does not support it.")
+
+    monkeypatch.setattr(scoring, "_hg_forward_over_reverse", unsupported)
+    with pytest.warns(RuntimeWarning, match="double backward"):
+        got = scoring.grasp_scores(layers, model=model, data=batches)
+    assert all(torch.equal(got[n], expected[n]) for n in layers)
+    with pytest.raises(NotImplementedError):
+        scoring.grasp_scores(layers, model=model, data=batches, hg_method="forward-over-reverse")

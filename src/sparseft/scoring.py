@@ -11,7 +11,7 @@ snip       |w * g|
 taylor     (w * g)^2
 d3         |g| / (|w| + eps)^e  (ID3; e = 0 makes it |g|)
 fisher     mean over examples of the per-example squared gradient (micro-batches of one)
-grasp      w * (H g)  (Hessian-gradient product by double backward; raw value, as SPEFT)
+grasp      w * (H g)  (Hessian-gradient product, forward-over-reverse; raw value, as SPEFT)
 synflow    |w * dR/dw|, R = sum of the logits with every parameter made positive, on an
            all-ones ``inputs_embeds`` of one token (weights restored exactly afterwards)
 =========  ==========================================================================
@@ -19,17 +19,21 @@ synflow    |w * dR/dw|, R = sum of the logits with every parameter made positive
 Memory: the gradient-based scorers never set ``W.grad``. Each targeted layer's dense
 gradient is handed to a ``grad_observer`` during the ordinary backward pass (one
 weight-sized temporary at a time) and summed into one float32 buffer per layer, which is
-then turned into the score in place. grasp is the exception: double backward needs the
-weights in the autograd graph, so it holds about three weight-sized tensors per layer.
+then turned into the score in place. Calibration batches run in micro-batches
+(``micro_batch`` examples, weighted by their share of the batch's loss items), so only
+one micro-batch's activations are alive at a time. grasp holds g and, per group of
+layers, H g; the groups' scores go straight into a streaming top-k (``grasp_select``).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from .delta import SparseDeltaLayer
 
@@ -182,10 +186,12 @@ class GradientSum:
             grad = grad.detach()
             buf = self.buffers.get(name)
             if self.square:
-                if buf is None:
-                    buf = self.buffers[name] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
                 g = grad.float()
-                buf.addcmul_(g, g, value=self.scale)
+                if buf is None:
+                    # As below: the fresh gradient itself becomes the buffer (no zeros first).
+                    self.buffers[name] = g.square_().mul_(self.scale)
+                else:
+                    buf.addcmul_(g, g, value=self.scale)
             elif buf is None:
                 # The layer's backward hands over a fresh matmul output that nobody else
                 # holds: it becomes the buffer (no copy).
@@ -364,21 +370,140 @@ def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1
     return groups
 
 
+class _DecomposedSiLU(TorchFunctionMode):
+    """Runs ``F.silu`` as x * sigmoid(x): aten's silu_backward has no forward-mode
+    derivative, sigmoid's backward has (equal up to rounding)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.silu:
+            x = args[0] if args else kwargs["input"]
+            return x * torch.sigmoid(x)
+        return func(*args, **(kwargs or {}))
+
+
+class _Accumulator:
+    """Per-layer float32 sums of H g contributions, each scaled by the current weight."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return  # the direction does not reach this layer's gradient
+        grad = grad.detach().float()
+        buf = self.buffers.get(name)
+        if buf is None:
+            self.buffers[name] = grad * self.scale
+        else:
+            buf.add_(grad, alpha=self.scale)
+
+
+def _pieces(model: nn.Module, batches: list[Batch], micro_batch: int | None) -> Iterator[tuple[dict[str, Any], float]]:
+    """Every micro-batch of every batch with its weight in the example-weighted mean loss."""
+    total = sum(batch_size(b) for b in batches)
+    for b in batches:
+        for piece, weight in micro_batches(model, b, micro_batch):
+            yield piece, batch_size(b) / total * weight
+
+
+def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
+                             group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator) -> None:
+    """H g for the group's layers: every targeted weight becomes a dual tensor (primal W,
+    tangent g; both shared, not copied), swapped in by ``functional_call``; the forward
+    pass carries tangents, and the tangent of the ordinary backward's weight gradient is
+    d/dt grad L(W + t g) = H g. No second backward graph is kept."""
+    import torch.autograd.forward_ad as fwAD
+
+    names = list(layers)
+    device = _model_device(model)
+    param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    with dense_weights(model, layers) as weights, fwAD.dual_level(), _DecomposedSiLU():
+        for w in weights:
+            w.requires_grad_(False)
+        duals = {n: fwAD.make_dual(w.detach(), g[n].to(w.dtype)) for n, w in zip(names, weights)}
+        overrides = {param_names[id(w)]: duals[n] for n, w in zip(names, weights)}
+        targets, handles = [], []
+        try:
+            for n in group:
+                duals[n].requires_grad_(True)
+                targets.append(duals[n])
+                # A tensor hook sees the dual gradient (accumulating into .grad drops the tangent).
+                handles.append(duals[n].register_hook(lambda grad, n=n: acc.add(n, fwAD.unpack_dual(grad).tangent)))
+                handles.append(duals[n].register_post_accumulate_grad_hook(_drop_grad))
+            for piece, acc.scale in _pieces(model, batches, micro_batch):
+                loss = _loss_of(torch.func.functional_call(model, overrides, (), _to_device(piece, device)))
+                torch.autograd.backward(loss, inputs=targets)
+                del loss
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _hg_double_backward(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
+                        group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator) -> None:
+    """H g for the group's layers by double backward: every targeted layer computes
+    y + e * (x @ g^T) with a scalar leaf e = 0 (the forward pass of L(W + e g)); the first
+    backward takes only z = dL/de = g . grad L (create_graph), the second H g = dz/dW.
+    Works wherever double backward does; keeps the first backward's graph alive."""
+    device = _model_device(model)
+    eps = torch.zeros((), dtype=torch.float32, requires_grad=True)
+
+    def make_hook(d: torch.Tensor, transposed: bool):
+        def hook(module, args, out):
+            x = args[0]
+            dx = d.to(x.dtype)
+            extra = x.matmul(dx) if transposed else torch.nn.functional.linear(x, dx)
+            return out + eps.to(device=out.device, dtype=out.dtype) * extra
+        return hook
+
+    with dense_weights(model, layers) as weights:
+        by_name = dict(zip(layers, weights))
+        for w in weights:
+            w.requires_grad_(False)
+        targets, handles = [], []
+        try:
+            for name, layer in layers.items():
+                handles.append(layer.base_layer.register_forward_hook(make_hook(g[name], layer.transposed)))
+            for n in group:
+                w = by_name[n]
+                w.requires_grad_(True)
+                targets.append(w)
+                handles.append(w.register_hook(lambda grad, n=n: acc.add(n, grad)))
+                handles.append(w.register_post_accumulate_grad_hook(_drop_grad))
+            for piece, acc.scale in _pieces(model, batches, micro_batch):
+                loss = _loss(model, _to_device(piece, device))
+                (z,) = torch.autograd.grad(loss, eps, create_graph=True)
+                del loss
+                torch.autograd.backward(z, inputs=targets)
+                del z
+        finally:
+            for h in handles:
+                h.remove()
+
+
+HG_METHODS = ("auto", "forward-over-reverse", "double-backward")
+
+
 def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-                 micro_batch: int | None = None, groups: list[list[str]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 micro_batch: int | None = None, groups: list[list[str]] | None = None,
+                 hg_method: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     """GraSP scores, w * (H g), yielded layer by layer (in layer order, group by group).
 
     g (the mean gradient, one float32 buffer per targeted layer) comes first. Then, for
-    each group of layers, every calibration micro-batch runs forward with forward-mode
-    tangents along g (``_tangent_direction``) and one ordinary backward pass to the
-    group's weights: the tangent of a weight's gradient is d/dt grad L(W + t g) = H g
-    (forward-over-reverse; the same H g as a double backward, without keeping a second
-    backward graph). Each layer's H g is added to its buffer as autograd reaches it. So
-    memory is g + one group's H g + one micro-batch's activations with their tangents;
-    each extra group costs one more such pass over the calibration data.
+    each group of layers, every calibration micro-batch gives its share of H g for the
+    group's weights, added to one buffer per layer as autograd reaches it. H g comes by
+    forward-over-reverse (``_hg_forward_over_reverse``: forward-mode tangents along g,
+    one ordinary backward) or, where an operation has no forward-mode derivative of its
+    backward, by double backward (``_hg_double_backward``, more activation memory);
+    ``auto`` tries the first and falls back to the second (with a warning). Memory: g +
+    one group's H g + one micro-batch's activations; each group costs one more pass
+    over the calibration data.
     """
     if model is None:
         raise ValueError("grasp needs the model")
+    if hg_method not in HG_METHODS:
+        raise ValueError(f"hg_method={hg_method!r}; choose one of {', '.join(HG_METHODS)}")
     batches = calibration_batches(data, "grasp")
     names = list(layers)
     groups = groups or [names]
@@ -387,72 +512,38 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
     g_sum = mean_gradient(model, layers, batches, micro_batch)
     g = {n: g_sum.get(n, layers[n]) for n in names}
     del g_sum
-    total = sum(batch_size(b) for b in batches)
-    device = _model_device(model)
-    param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
-    # The math attention kernel has forward-mode derivatives everywhere; use it here.
-    import torch.autograd.forward_ad as fwAD
+    # The math attention kernel has forward-mode and double-backward derivatives.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    method = "forward-over-reverse" if hg_method == "auto" else hg_method
     for group in groups:
-        hg: dict[str, torch.Tensor] = {}
-        scale = [1.0]
-
-        def make_sink(name: str):
-            def sink(grad: torch.Tensor) -> None:
-                # A tensor hook sees the dual gradient (accumulation into .grad drops the tangent).
-                grad = fwAD.unpack_dual(grad).tangent
-                if grad is None:
-                    return  # the direction does not reach this layer's gradient
-                grad = grad.detach().float()
-                buf = hg.get(name)
-                if buf is None:
-                    hg[name] = grad * scale[0]
-                else:
-                    buf.add_(grad, alpha=scale[0])
-            return sink
-
-        with scoring_mode(model), dense_weights(model, layers) as weights, sdpa_kernel([SDPBackend.MATH]), \
-                fwAD.dual_level():
-            for w in weights:
-                w.requires_grad_(False)
-            # Each targeted weight becomes a dual tensor (primal W, tangent g; both shared,
-            # not copied), swapped in for the forward pass by functional_call.
-            duals = {n: fwAD.make_dual(w.detach(), g[n].to(w.dtype)) for n, w in zip(names, weights)}
-            targets = []
-            handles = []
-            for n in group:
-                duals[n].requires_grad_(True)
-                targets.append(duals[n])
-                handles.append(duals[n].register_hook(make_sink(n)))
-                handles.append(duals[n].register_post_accumulate_grad_hook(_drop_grad))
-            overrides = {param_names[id(w)]: duals[n] for n, w in zip(names, weights)}
+        while True:
+            acc = _Accumulator()
+            run = _hg_forward_over_reverse if method == "forward-over-reverse" else _hg_double_backward
             try:
-                for b in batches:
-                    for piece, weight in micro_batches(model, b, micro_batch):
-                        scale[0] = batch_size(b) / total * weight
-                        out = torch.func.functional_call(model, overrides, (), _to_device(piece, device))
-                        loss = _loss_of(out)
-                        del out
-                        torch.autograd.backward(loss, inputs=targets)
-                        del loss
-            finally:
-                for h in handles:
-                    h.remove()
-            del duals, targets, overrides
+                with scoring_mode(model), sdpa_kernel([SDPBackend.MATH]):
+                    run(model, layers, g, group, batches, micro_batch, acc)
+                break
+            except NotImplementedError as err:
+                if hg_method != "auto" or method != "forward-over-reverse":
+                    raise
+                warnings.warn(f"grasp: forward-mode AD is not available here ({err}); using double backward, "
+                              "which keeps more activation memory", RuntimeWarning)
+                method = "double-backward"  # and redo this group from scratch
         for n in group:
-            h = hg.pop(n, None)
+            h = acc.buffers.pop(n, None)
             if h is None:
                 h = torch.zeros(layers[n].weight.shape, dtype=torch.float32, device=layers[n].weight.device)
             yield n, h.mul_(_weight(layers[n])).reshape(-1)
+        del acc
 
 
 def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-                 micro_batch: int | None = None, **_: object) -> dict[str, torch.Tensor]:
+                 micro_batch: int | None = None, hg_method: str = "auto", **_: object) -> dict[str, torch.Tensor]:
     """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
     mean loss (``grasp_stream`` with one group: g and H g of every layer held at once).
     ``grasp_select`` chooses the same index sets with less memory."""
-    return dict(grasp_stream(layers, model, data, micro_batch))
+    return dict(grasp_stream(layers, model, data, micro_batch, hg_method=hg_method))
 
 
 def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
