@@ -267,8 +267,11 @@ def random_scores(layers: Mapping[str, SparseDeltaLayer], seed: int = 0, **_: ob
 
 def magnitude_scores(layers: Mapping[str, SparseDeltaLayer], order: str = "largest", **_: object) -> dict[str, torch.Tensor]:
     """|w|, or -|w| to prefer the smallest weights (PaFi)."""
-    sign = 1.0 if order == "largest" else -1.0
-    return {name: sign * layer.weight.detach().float().abs().reshape(-1) for name, layer in layers.items()}
+    scores = {}
+    for name, layer in layers.items():
+        s = layer.weight.detach().float().abs().reshape(-1)  # one fresh buffer per layer
+        scores[name] = s if order == "largest" else s.neg_()
+    return scores
 
 
 def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], grads: GradientSum,
