@@ -417,8 +417,8 @@ def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaL
     pass carries tangents, and the tangent of the ordinary backward's weight gradient is
     d/dt grad L(W + t g) = H g. No second backward graph is built, but a dual level keeps
     every tangent made in it until it exits (each micro-batch gets a level of its own), so
-    the peak is about the double backward's (SmolLM2-135M, 64 tokens: within 2 %); it is
-    faster."""
+    the peak is about the double backward's (SmolLM2-135M, 64 tokens: within 2 %); it
+    was somewhat faster there (one backward instead of two)."""
     import torch.autograd.forward_ad as fwAD
 
     names = list(layers)
