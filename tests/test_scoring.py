@@ -231,3 +231,114 @@ def test_config_roundtrip_keeps_new_fields():
     cfg = SparseConfig(method="d3", schedule="dynamic", update_every=16, score_window=2, drop_policy="zero",
                        calib_examples=64, d3_epsilon=1e-2, d3_exponent=0.5)
     assert SparseConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------ micro-batches, grasp groups
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("method", ["gradient", "snip", "taylor", "d3", "grasp"])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_micro_batched_scoring_equals_whole_batch_scoring(arch, method, micro):
+    """Splitting the calibration batches (2 and 3 examples, padded; gpt2's token labels
+    have -100 on padding) into micro-batches gives the whole-batch scores to fp32 tolerance."""
+    model, _ = wrapped(arch)
+    batches = calib_batches(arch)
+    layers = model.sparse_layers()
+    whole = compute_scores(method, layers, model=model, data=batches, d3_exponent=1.0)
+    split = compute_scores(method, layers, model=model, data=batches, d3_exponent=1.0, micro_batch=micro)
+    assert_scores_close(split, [whole[n] for n in model.target_names], model.target_names, rtol=1e-4, atol_frac=1e-5)
+
+
+def test_loss_items_follow_the_loss_normalisation():
+    from sparseft.scoring import loss_items, micro_batches
+
+    gpt2, _ = wrapped("gpt2")
+    bert, _ = wrapped("bert")
+    b = calib_batches("gpt2")[0]  # 2 x 6 tokens, the second has 2 padding tokens labelled -100
+    assert loss_items(gpt2, b) == 5 + 3  # causal LM: the first token of each row is never a target
+    assert loss_items(bert, calib_batches("bert")[1]) == 3  # one label per example
+    pieces = list(micro_batches(gpt2, b, 1))
+    assert [w for _, w in pieces] == [5 / 8, 3 / 8]
+    # A piece with nothing to predict (mean loss NaN) is skipped, not weighted by zero.
+    b = {k: v.clone() for k, v in b.items()}
+    b["labels"][1] = -100
+    assert [w for _, w in micro_batches(gpt2, b, 1)] == [1.0]
+    assert list(micro_batches(gpt2, b, None))[0][1] == 1.0
+
+
+@pytest.mark.parametrize("selection", ["global", "per-layer"])
+@pytest.mark.parametrize("fraction", [0.0, 0.3])
+def test_grasp_select_in_groups_equals_topk_of_the_dense_scores(selection, fraction):
+    from sparseft.scoring import grasp_groups, grasp_select
+
+    for arch in ("bert", "gpt2"):
+        model, _ = wrapped(arch)
+        layers = model.sparse_layers()
+        batches = calib_batches(arch)
+        groups = grasp_groups(layers, fraction)
+        assert [n for g in groups for n in g] == list(layers) and len(groups) > 1
+        budget = sum(layer.weight.numel() for layer in layers.values()) // 20
+        expected = select_topk(compute_scores("grasp", layers, model=model, data=batches), budget, selection)
+        got = grasp_select(layers, budget, selection, model=model, data=batches, group_fraction=fraction)
+        assert all(torch.equal(got[n], expected[n]) for n in layers), arch
+        assert all(not layer.weight.requires_grad and layer.weight.grad is None for layer in layers.values())
+        assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "2"])
+def test_bad_calib_micro_batch(value):
+    with pytest.raises(ConfigError, match="calib_micro_batch"):
+        SparseConfig(calib_micro_batch=value)
+
+
+def _tiny_llama():
+    """A tiny LlamaForCausalLM (SiLU MLP, grouped-query attention, rotary), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = get_sparse_model(LlamaForCausalLM(cfg).eval(), SparseConfig(method="random", num_params=1))
+    model.set_index_sets({n: torch.zeros(0, dtype=torch.int32) for n in model.target_names})
+    batches = []
+    for size, seed in ((2, 11), (3, 12)):
+        b = make_batch(batch=size, seq=6, seed=seed)
+        b["input_ids"] = b["input_ids"] % 50
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        batches.append(b)
+    return model, batches
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_grasp_forward_over_reverse_equals_double_backward(arch):
+    """The two exact ways to H g agree (llama: SiLU runs decomposed for forward-mode AD)."""
+    from sparseft.scoring import grasp_scores
+
+    if arch == "llama":
+        model, batches = _tiny_llama()
+    else:
+        model, _ = wrapped(arch)
+        batches = calib_batches(arch)
+    layers = model.sparse_layers()
+    fwd = grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
+    dbl = grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="double-backward")
+    assert_scores_close(fwd, [dbl[n] for n in model.target_names], model.target_names, rtol=1e-4, atol_frac=1e-5)
+    assert any(float(fwd[n].abs().max()) > 0 for n in fwd)
+
+
+def test_grasp_falls_back_to_double_backward(monkeypatch):
+    from sparseft import scoring
+
+    model, _ = wrapped("gpt2")
+    layers = model.sparse_layers()
+    batches = calib_batches("gpt2")
+    expected = scoring.grasp_scores(layers, model=model, data=batches, hg_method="double-backward")
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with aten::something_backward that does not support it.")
+
+    monkeypatch.setattr(scoring, "_hg_forward_over_reverse", unsupported)
+    with pytest.warns(RuntimeWarning, match="double backward"):
+        got = scoring.grasp_scores(layers, model=model, data=batches)
+    assert all(torch.equal(got[n], expected[n]) for n in layers)
+    with pytest.raises(NotImplementedError):
+        scoring.grasp_scores(layers, model=model, data=batches, hg_method="forward-over-reverse")

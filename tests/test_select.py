@@ -266,3 +266,31 @@ def test_random_selection_is_seeded(bert_factory):
     ia = {n: l.indices.tolist() for n, l in a.sparse_layers().items()}
     assert ia == {n: l.indices.tolist() for n, l in b.sparse_layers().items()}
     assert ia != {n: l.indices.tolist() for n, l in c.sparse_layers().items()}
+
+
+@pytest.mark.parametrize("selection", ["global", "per-layer"])
+@pytest.mark.parametrize("budget", [0, 1, 7, 150, 400, 799, 800])
+def test_streaming_topk_equals_select_topk(selection, budget):
+    from sparseft.select import StreamingTopK
+
+    gen = torch.Generator().manual_seed(1)
+    scores = {"a": torch.randn(300, generator=gen).round(), "b": torch.randn(200, generator=gen),
+              "c": torch.randn(250, generator=gen).round(decimals=1), "d": torch.zeros(50)}  # many ties
+    scores["b"][::7] = float("nan")
+    expected = select_topk(scores, budget, selection)
+    stream = StreamingTopK({n: s.numel() for n, s in scores.items()}, budget, selection)
+    for n, s in scores.items():
+        stream.add(n, s.clone())
+    got = stream.result()
+    assert all(torch.equal(got[n], expected[n]) for n in scores), (got, expected)
+
+
+def test_streaming_topk_wants_every_layer_in_order():
+    from sparseft.select import StreamingTopK
+
+    stream = StreamingTopK({"a": 3, "b": 3}, 2)
+    with pytest.raises(ValueError, match="order"):
+        stream.add("b", torch.zeros(3))
+    stream.add("a", torch.zeros(3))
+    with pytest.raises(ValueError, match="scored"):
+        stream.result()

@@ -78,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
                         "order, capped by its size)")
     m.add_argument("--calib-batch-size", type=int,
-                   help="batch size of the calibration passes (default: --batch-size); selection memory is the score "
-                        "buffers plus one calibration batch's activations")
+                   help="batch size of the calibration batches (default: --batch-size)")
+    m.add_argument("--calib-micro-batch", type=int, default=1,
+                   help="examples per forward/backward pass while scoring: calibration batches are split into "
+                        "micro-batches of at most this many examples, weighted to give the same gradient; selection "
+                        "memory is the score buffers plus one micro-batch's activations (fisher always uses 1)")
     m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
     m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
     m.add_argument("--schedule", default="static", choices=list(SCHEDULES),
@@ -175,7 +178,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         method="random" if baseline else ns.method, density=ns.density, num_params=ns.num_params, match_lora_rank=ns.match_lora_rank,
         target_modules=_targets(ns.target_modules), selection=ns.selection,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
-        calib_examples=ns.calib_examples, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
+        calib_examples=ns.calib_examples, calib_micro_batch=ns.calib_micro_batch, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
         schedule=ns.schedule, update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy,
         unmask_every=ns.unmask_every, grow_drop_every=ns.grow_drop_every, grow_drop_fraction=ns.grow_drop_fraction,
     )

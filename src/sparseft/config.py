@@ -58,6 +58,10 @@ class SparseConfig:
     # Scoring: calibration examples (capped by the training set) and the d3 (ID3) score
     # |g| / (|w| + d3_epsilon) ** d3_exponent.
     calib_examples: int = 1024
+    # Examples per forward/backward pass while scoring: each calibration batch is split
+    # into micro-batches of at most this many examples, weighted so that the gradient is
+    # the batch's own (so selection memory does not grow with the calibration batch size).
+    calib_micro_batch: int = 1
     d3_epsilon: float = 1e-3
     d3_exponent: float = 0.0
     # Schedule: "static" chooses once; "dynamic" rescores every ``update_every`` optimizer
@@ -111,7 +115,7 @@ class SparseConfig:
             self.target_modules = list(self.target_modules)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("calib_examples", "update_every", "score_window", "unmask_every", "grow_drop_every"):
+        for name in ("calib_examples", "calib_micro_batch", "update_every", "score_window", "unmask_every", "grow_drop_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -11,7 +11,7 @@ snip       |w * g|
 taylor     (w * g)^2
 d3         |g| / (|w| + eps)^e  (ID3; e = 0 makes it |g|)
 fisher     mean over examples of the per-example squared gradient (micro-batches of one)
-grasp      w * (H g)  (Hessian-gradient product by double backward; raw value, as SPEFT)
+grasp      w * (H g)  (Hessian-gradient product, forward-over-reverse; raw value, as SPEFT)
 synflow    |w * dR/dw|, R = sum of the logits with every parameter made positive, on an
            all-ones ``inputs_embeds`` of one token (weights restored exactly afterwards)
 =========  ==========================================================================
@@ -19,17 +19,21 @@ synflow    |w * dR/dw|, R = sum of the logits with every parameter made positive
 Memory: the gradient-based scorers never set ``W.grad``. Each targeted layer's dense
 gradient is handed to a ``grad_observer`` during the ordinary backward pass (one
 weight-sized temporary at a time) and summed into one float32 buffer per layer, which is
-then turned into the score in place. grasp is the exception: double backward needs the
-weights in the autograd graph, so it holds about three weight-sized tensors per layer.
+then turned into the score in place. Calibration batches run in micro-batches
+(``micro_batch`` examples, weighted by their share of the batch's loss items), so only
+one micro-batch's activations are alive at a time. grasp holds g and, per group of
+layers, H g; the groups' scores go straight into a streaming top-k (``grasp_select``).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from .delta import SparseDeltaLayer
 from .distributed import all_reduce_mean_, full_tensor
@@ -86,11 +90,57 @@ def calibration_batches(data: Iterable[Batch] | None, method: str) -> list[Batch
 
 
 def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    out = model(**batch)
+    return _loss_of(model(**batch))
+
+
+def _loss_of(out: Any) -> torch.Tensor:
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise ValueError("calibration batches must carry labels, so that the model returns a loss")
     return loss
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model's loss shifts the labels by one (Hugging Face causal LM heads)."""
+    inner = model.base_model if getattr(model, "sparse_config", None) is not None else model
+    name = type(inner).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def loss_items(model: nn.Module, batch: Batch) -> int:
+    """How many items the model's (mean-reduced) loss averages over for this batch.
+
+    Per-example labels (1-D, or float targets): the examples. Token labels (integer, 2-D
+    or more): the tokens whose label is not -100, after the one-token shift of causal LM
+    heads. This is what the Hugging Face losses divide by.
+    """
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        return batch_size(batch)
+    keep = labels != -100
+    if _is_causal_lm(model):
+        keep = keep[..., 1:]
+    return int(keep.sum())
+
+
+def micro_batches(model: nn.Module, batch: Batch, size: int | None) -> Iterator[tuple[dict[str, Any], float]]:
+    """(micro-batch, weight) pairs with sum_m weight_m * L_m = L_batch.
+
+    Each piece holds at most ``size`` examples (None: the batch as given, weight 1).
+    The batch loss being a mean over its items (``loss_items``), a piece's weight is its
+    share of the items; pieces with no items (whose mean loss is NaN) are skipped.
+    """
+    n = batch_size(batch)
+    if size is None or size >= n:
+        yield dict(batch), 1.0
+        return
+    pieces = [{k: v[i:i + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+               for k, v in batch.items()} for i in range(0, n, size)]
+    counts = [loss_items(model, piece) for piece in pieces]
+    total = sum(counts)
+    for piece, count in zip(pieces, counts):
+        if count:
+            yield piece, count / total
 
 
 @contextlib.contextmanager
@@ -137,10 +187,12 @@ class GradientSum:
             grad = grad.detach()
             buf = self.buffers.get(name)
             if self.square:
-                if buf is None:
-                    buf = self.buffers[name] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
                 g = grad.float()
-                buf.addcmul_(g, g, value=self.scale)
+                if buf is None:
+                    # As below: the fresh gradient itself becomes the buffer (no zeros first).
+                    self.buffers[name] = g.square_().mul_(self.scale)
+                else:
+                    buf.addcmul_(g, g, value=self.scale)
             elif buf is None:
                 # The layer's backward hands over a fresh matmul output that nobody else
                 # holds: it becomes the buffer (no copy).
@@ -180,15 +232,22 @@ def _backward_to_values(loss: torch.Tensor, layers: Mapping[str, SparseDeltaLaye
     torch.autograd.backward(loss, inputs=[layer.values for layer in layers.values()])
 
 
-def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batches: list[Batch]) -> GradientSum:
-    """g = sum_b (n_b / N) grad L_b: the example-weighted mean gradient of the loss."""
+def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batches: list[Batch],
+                  micro_batch: int | None = None) -> GradientSum:
+    """g = sum_b (n_b / N) grad L_b: the example-weighted mean gradient of the loss.
+
+    With ``micro_batch``, each batch runs in pieces of at most that many examples,
+    weighted so that their sum is the batch's gradient (``micro_batches``): the same g,
+    with the activations of one piece alive at a time.
+    """
     acc = GradientSum()
     total = sum(batch_size(b) for b in batches)
     device = _model_device(model)
     with scoring_mode(model), observing(layers, acc.observer):
         for b in batches:
-            acc.scale = batch_size(b) / total
-            _backward_to_values(_loss(model, _to_device(b, device)), layers)
+            for piece, weight in micro_batches(model, b, micro_batch):
+                acc.scale = batch_size(b) / total * weight
+                _backward_to_values(_loss(model, _to_device(piece, device)), layers)
     all_reduce_mean_(acc.buffers)  # under torch.distributed: every rank scores (and selects) alike
     return acc
 
@@ -210,8 +269,11 @@ def random_scores(layers: Mapping[str, SparseDeltaLayer], seed: int = 0, **_: ob
 
 def magnitude_scores(layers: Mapping[str, SparseDeltaLayer], order: str = "largest", **_: object) -> dict[str, torch.Tensor]:
     """|w|, or -|w| to prefer the smallest weights (PaFi)."""
-    sign = 1.0 if order == "largest" else -1.0
-    return {name: sign * _weight(layer).float().abs().reshape(-1) for name, layer in layers.items()}
+    scores = {}
+    for name, layer in layers.items():
+        s = _weight(layer).float().abs().reshape(-1)  # one fresh buffer per layer
+        scores[name] = s if order == "largest" else s.neg_()
+    return scores
 
 
 def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], grads: GradientSum,
@@ -238,8 +300,9 @@ def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], gr
 
 def _gradient_scorer(method: str) -> ScoreFn:
     def scorer(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-               d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, **_: object) -> dict[str, torch.Tensor]:
-        grads = mean_gradient(model, layers, calibration_batches(data, method))
+               d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, micro_batch: int | None = None,
+               **_: object) -> dict[str, torch.Tensor]:
+        grads = mean_gradient(model, layers, calibration_batches(data, method), micro_batch)
         return scores_from_gradient(method, layers, grads, d3_epsilon, d3_exponent)
 
     scorer.__name__ = f"{method}_scores"
@@ -292,42 +355,232 @@ def dense_weights(model: nn.Module, layers: Mapping[str, SparseDeltaLayer]) -> I
             layer.unmerge()
 
 
-def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-                 **_: object) -> dict[str, torch.Tensor]:
-    """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
-    mean loss; H g = d/dw (g_stopped . dL/dw) by double backward, batch by batch."""
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1.0) -> list[list[str]]:
+    """Consecutive layers (in order) in groups of at most ``max_fraction`` of all targeted
+    entries each (a larger layer gets a group of its own)."""
+    total = sum(layer.weight.numel() for layer in layers.values())
+    cap = max_fraction * total
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, layer in layers.items():
+        n = layer.weight.numel()
+        if groups[-1] and size + n > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
+class _DecomposedSiLU(TorchFunctionMode):
+    """Runs ``F.silu`` as x * sigmoid(x): aten's silu_backward has no forward-mode
+    derivative, sigmoid's backward has (equal up to rounding)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.silu:
+            x = args[0] if args else kwargs["input"]
+            return x * torch.sigmoid(x)
+        return func(*args, **(kwargs or {}))
+
+
+class _Accumulator:
+    """Per-layer float32 sums of H g contributions, each scaled by the current weight."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return  # the direction does not reach this layer's gradient
+        grad = grad.detach().float()
+        buf = self.buffers.get(name)
+        if buf is None:
+            self.buffers[name] = grad * self.scale
+        else:
+            buf.add_(grad, alpha=self.scale)
+
+
+def _pieces(model: nn.Module, batches: list[Batch], micro_batch: int | None) -> Iterator[tuple[dict[str, Any], float]]:
+    """Every micro-batch of every batch with its weight in the example-weighted mean loss."""
+    total = sum(batch_size(b) for b in batches)
+    for b in batches:
+        for piece, weight in micro_batches(model, b, micro_batch):
+            yield piece, batch_size(b) / total * weight
+
+
+def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
+                             group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator) -> None:
+    """H g for the group's layers: every targeted weight becomes a dual tensor (primal W,
+    tangent g; both shared, not copied), swapped in by ``functional_call``; the forward
+    pass carries tangents, and the tangent of the ordinary backward's weight gradient is
+    d/dt grad L(W + t g) = H g. No second backward graph is built, but a dual level keeps
+    every tangent made in it until it exits (each micro-batch gets a level of its own), so
+    the peak is about the double backward's (SmolLM2-135M, 64 tokens: within 2 %); it
+    was somewhat faster there (one backward instead of two)."""
+    import torch.autograd.forward_ad as fwAD
+
+    names = list(layers)
+    device = _model_device(model)
+    param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    with dense_weights(model, layers) as weights, _DecomposedSiLU():
+        for w in weights:
+            w.requires_grad_(False)
+        for piece, acc.scale in _pieces(model, batches, micro_batch):
+            # A fresh dual level per micro-batch: a level holds on to the tangents made in
+            # it until it exits.
+            with fwAD.dual_level():
+                duals = {n: fwAD.make_dual(w.detach(), g[n].to(w.dtype)) for n, w in zip(names, weights)}
+                overrides = {param_names[id(w)]: duals[n] for n, w in zip(names, weights)}
+                targets, handles = [], []
+                try:
+                    for n in group:
+                        duals[n].requires_grad_(True)
+                        targets.append(duals[n])
+                        # A tensor hook sees the dual gradient (accumulating into .grad drops the tangent).
+                        handles.append(duals[n].register_hook(lambda grad, n=n: acc.add(n, fwAD.unpack_dual(grad).tangent)))
+                        handles.append(duals[n].register_post_accumulate_grad_hook(_drop_grad))
+                    loss = _loss_of(torch.func.functional_call(model, overrides, (), _to_device(piece, device)))
+                    torch.autograd.backward(loss, inputs=targets)
+                    del loss
+                finally:
+                    for h in handles:
+                        h.remove()
+                del duals, overrides, targets
+
+
+def _hg_double_backward(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
+                        group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator) -> None:
+    """H g for the group's layers by double backward: every targeted layer computes
+    y + e * (x @ g^T) with a scalar leaf e = 0 (the forward pass of L(W + e g)); the first
+    backward takes only z = dL/de = g . grad L (create_graph), the second H g = dz/dW.
+    Works wherever double backward does; keeps the first backward's graph alive."""
+    device = _model_device(model)
+    eps = torch.zeros((), dtype=torch.float32, requires_grad=True)
+
+    def make_hook(d: torch.Tensor, transposed: bool):
+        def hook(module, args, out):
+            x = args[0]
+            dx = d.to(x.dtype)
+            extra = x.matmul(dx) if transposed else torch.nn.functional.linear(x, dx)
+            return out + eps.to(device=out.device, dtype=out.dtype) * extra
+        return hook
+
+    with dense_weights(model, layers) as weights:
+        by_name = dict(zip(layers, weights))
+        for w in weights:
+            w.requires_grad_(False)
+        targets, handles = [], []
+        try:
+            for name, layer in layers.items():
+                handles.append(layer.base_layer.register_forward_hook(make_hook(g[name], layer.transposed)))
+            for n in group:
+                w = by_name[n]
+                w.requires_grad_(True)
+                targets.append(w)
+                handles.append(w.register_hook(lambda grad, n=n: acc.add(n, grad)))
+                handles.append(w.register_post_accumulate_grad_hook(_drop_grad))
+            for piece, acc.scale in _pieces(model, batches, micro_batch):
+                loss = _loss(model, _to_device(piece, device))
+                (z,) = torch.autograd.grad(loss, eps, create_graph=True)
+                del loss
+                torch.autograd.backward(z, inputs=targets)
+                del z
+        finally:
+            for h in handles:
+                h.remove()
+
+
+HG_METHODS = ("auto", "forward-over-reverse", "double-backward")
+
+
+def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
+                 micro_batch: int | None = None, groups: list[list[str]] | None = None,
+                 hg_method: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+    """GraSP scores, w * (H g), yielded layer by layer (in layer order, group by group).
+
+    g (the mean gradient, one float32 buffer per targeted layer) comes first. Then, for
+    each group of layers, every calibration micro-batch gives its share of H g for the
+    group's weights, added to one buffer per layer as autograd reaches it. H g comes by
+    forward-over-reverse (``_hg_forward_over_reverse``: forward-mode tangents along g,
+    one ordinary backward) or, where an operation has no forward-mode derivative of its
+    backward, by double backward (``_hg_double_backward``, slower); ``auto`` tries the
+    first and falls back to the second (with a warning). Memory: g + one group's H g +
+    one micro-batch's second-order activations; each group costs one more pass over the
+    calibration data.
+    """
+    if model is None:
+        raise ValueError("grasp needs the model")
+    if hg_method not in HG_METHODS:
+        raise ValueError(f"hg_method={hg_method!r}; choose one of {', '.join(HG_METHODS)}")
     batches = calibration_batches(data, "grasp")
     names = list(layers)
-    g_stop = mean_gradient(model, layers, batches)
-    stopped = [g_stop.get(n, layers[n]) for n in names]
-    total = sum(batch_size(b) for b in batches)
-    device = _model_device(model)
-    hg: list[torch.Tensor | None] = [None] * len(names)
-    # The fused attention kernels have no double backward: use the math one here.
+    groups = groups or [names]
+    if [n for grp in groups for n in grp] != names:
+        raise ValueError("grasp groups must cover the layers in order")
+    g_sum = mean_gradient(model, layers, batches, micro_batch)
+    g = {n: g_sum.get(n, layers[n]) for n in names}
+    del g_sum
+    # The math attention kernel has forward-mode and double-backward derivatives.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with scoring_mode(model), dense_weights(model, layers) as weights, sdpa_kernel([SDPBackend.MATH]):
-        for b in batches:
-            loss = _loss(model, _to_device(b, device)) * (batch_size(b) / total)
-            grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
-            z = sum((gr.float() * s).sum() for gr, s in zip(grads, stopped) if gr is not None)
-            del grads
-            if not isinstance(z, torch.Tensor) or not z.requires_grad:
-                continue
-            hvp = torch.autograd.grad(z, weights, allow_unused=True)
-            for i, h in enumerate(hvp):
-                if h is not None:
-                    hg[i] = h.float() if hg[i] is None else hg[i].add_(h.float())
-            del hvp, z
-    del stopped
-    all_reduce_mean_({str(i): h for i, h in enumerate(hg) if h is not None})
-    scores = {}
-    for i, name in enumerate(names):
-        h = hg[i] if hg[i] is not None else torch.zeros(layers[name].weight.shape, dtype=torch.float32,
-                                                        device=layers[name].weight.device)
-        scores[name] = h.mul_(_weight(layers[name])).reshape(-1)
-        hg[i] = None
-    return scores
+    method = "forward-over-reverse" if hg_method == "auto" else hg_method
+    for group in groups:
+        while True:
+            acc = _Accumulator()
+            run = _hg_forward_over_reverse if method == "forward-over-reverse" else _hg_double_backward
+            try:
+                with scoring_mode(model), sdpa_kernel([SDPBackend.MATH]):
+                    run(model, layers, g, group, batches, micro_batch, acc)
+                break
+            except NotImplementedError as err:
+                if hg_method != "auto" or method != "forward-over-reverse":
+                    raise
+                warnings.warn(f"grasp: forward-mode AD is not available here ({err}); using double backward, "
+                              "which keeps more activation memory", RuntimeWarning)
+                method = "double-backward"  # and redo this group from scratch
+        all_reduce_mean_(acc.buffers)  # under torch.distributed: every rank selects alike
+        for n in group:
+            h = acc.buffers.pop(n, None)
+            if h is None:
+                h = torch.zeros(layers[n].weight.shape, dtype=torch.float32, device=layers[n].weight.device)
+            yield n, h.mul_(_weight(layers[n])).reshape(-1)
+        del acc
+
+
+def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
+                 micro_batch: int | None = None, hg_method: str = "auto", **_: object) -> dict[str, torch.Tensor]:
+    """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
+    mean loss (``grasp_stream`` with one group: g and H g of every layer held at once).
+    ``grasp_select`` chooses the same index sets with less memory."""
+    return dict(grasp_stream(layers, model, data, micro_batch, hg_method=hg_method))
+
+
+def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
+                 model: nn.Module | None = None, data: Any = None, micro_batch: int | None = None,
+                 group_fraction: float = 0.25) -> dict[str, torch.Tensor]:
+    """The top-``budget`` grasp index sets, the same as ``select_topk(grasp_scores(...))``.
+
+    Layers are scored in groups of at most ``group_fraction`` of the targeted entries,
+    and each group's scores go straight into a streaming top-k (``StreamingTopK``), so
+    only g, one group's H g and the running candidates (8 bytes per entry, at most twice
+    the budget) are held. When the budget exceeds an eighth of the targeted entries the
+    candidates would outweigh the score buffers: one group, dense scores, plain top-k.
+    """
+    from .select import StreamingTopK, select_topk
+
+    total = sum(layer.weight.numel() for layer in layers.values())
+    if budget * 8 > total:
+        return select_topk(grasp_scores(layers, model, data, micro_batch), budget, selection, consume=True)
+    topk = StreamingTopK({n: layer.weight.numel() for n, layer in layers.items()}, budget, selection)
+    for name, score in grasp_stream(layers, model, data, micro_batch, grasp_groups(layers, group_fraction)):
+        topk.add(name, score)
+        del score
+    return topk.result()
 
 
 def _logits(out: Any) -> torch.Tensor:

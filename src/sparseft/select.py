@@ -116,6 +116,12 @@ def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str 
     if budget <= 0:
         return {n: torch.zeros(0, dtype=torch.int32, device=scores[n].device) for n in names}
     keys = {n: _order_keys(scores[n], inplace=consume) for n in names}
+    return _topk_of_keys(keys, names, budget)
+
+
+def _topk_of_keys(keys: dict[str, torch.Tensor], names: list[str], budget: int) -> dict[str, torch.Tensor]:
+    """Sorted int32 positions of the top-``budget`` keys (ties: layer order, then position);
+    ``keys`` is emptied as it goes."""
     threshold = _kth_largest_key(keys.__getitem__, names, budget)
     ties_left = budget - sum(int((keys[n] > threshold).sum()) for n in names)
     chosen = {}
@@ -129,3 +135,62 @@ def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str 
         del key
         chosen[n] = torch.nonzero(mask).flatten().to(torch.int32)
     return chosen
+
+
+class StreamingTopK:
+    """``select_topk`` over scores that arrive one layer at a time, in layer order.
+
+    Gives exactly the index sets ``select_topk`` would give on all the scores at once
+    (same ties rule), without holding them: ``global`` keeps a running set of at most
+    ``budget`` candidates (an int32 key and an int32 index each) and prunes it to the
+    top ``budget`` after every layer; ``per-layer`` chooses each layer's share on arrival.
+    ``add`` consumes the float32 scores (they become order keys).
+    """
+
+    def __init__(self, sizes: Mapping[str, int], budget: int, selection: str = "global"):
+        if selection not in ("global", "per-layer"):
+            raise ConfigError(f"unknown selection {selection!r}")
+        total = sum(sizes.values())
+        if budget > total:
+            raise ConfigError(f"the budget of {budget:,} entries exceeds the {total:,} candidates")
+        self.names = list(sizes)
+        self.sizes = dict(sizes)
+        self.budget = max(int(budget), 0)
+        self.selection = selection
+        self.shares = allocate_per_layer(self.sizes, self.budget) if selection == "per-layer" else None
+        self._next = 0
+        self._keys: dict[str, torch.Tensor] = {}
+        self._index: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, scores: torch.Tensor) -> None:
+        if self._next >= len(self.names) or self.names[self._next] != name:
+            raise ValueError(f"layer {name!r} arrived out of order")
+        if scores.numel() != self.sizes[name]:
+            raise ValueError(f"layer {name!r}: {scores.numel()} scores for {self.sizes[name]} entries")
+        self._next += 1
+        k = self.shares[name] if self.shares is not None else min(self.budget, scores.numel())
+        if k <= 0:
+            self._index[name] = torch.zeros(0, dtype=torch.int32, device=scores.device)
+            return
+        keys = _order_keys(scores, inplace=True)
+        index = _topk_of_keys({name: keys}, [name], k)[name] if k < keys.numel() else \
+            torch.arange(keys.numel(), dtype=torch.int32, device=keys.device)
+        self._index[name] = index
+        if self.shares is not None:
+            return
+        self._keys[name] = keys[index.long()]
+        del keys
+        held = [n for n in self._keys]
+        if sum(self._keys[n].numel() for n in held) > self.budget:
+            keep = _topk_of_keys(dict(self._keys), held, self.budget)
+            for n in held:
+                pos = keep[n].long()
+                self._keys[n] = self._keys[n][pos]
+                self._index[n] = self._index[n][pos]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The index sets (every layer must have been added)."""
+        if self._next != len(self.names):
+            raise ValueError(f"only {self._next} of {len(self.names)} layers were scored")
+        self._keys.clear()
+        return {n: self._index[n] for n in self.names}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..scoring import compute_scores
+from ..scoring import compute_scores, grasp_select
 from ..select import resolve_budget, select_topk
 from .base import Method
 
@@ -12,11 +12,14 @@ def score_and_select(model: Any, data: Any = None, seed: int | None = None) -> d
     """Scores of the configured method over the targeted layers, then the top-k index sets."""
     cfg = model.sparse_config
     layers = model.sparse_layers()
+    budget = resolve_budget(cfg, model.target_shapes())
+    if cfg.method == "grasp":  # scored group by group into a streaming top-k (less memory)
+        return grasp_select(layers, budget, cfg.selection, model=model, data=data, micro_batch=cfg.calib_micro_batch)
     scores = compute_scores(
         cfg.method, layers, model=model, data=data, seed=cfg.seed if seed is None else seed,
         order=cfg.magnitude_order, d3_epsilon=cfg.d3_epsilon, d3_exponent=cfg.d3_exponent,
+        micro_batch=cfg.calib_micro_batch,
     )
-    budget = resolve_budget(cfg, model.target_shapes())
     return select_topk(scores, budget, cfg.selection, consume=True)
 
 
