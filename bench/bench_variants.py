@@ -5,7 +5,8 @@ static random mask at LoRA r=8's parameter count, SparseAdamW), with the sparse 
 ``weight_mode`` / ``backend`` switched between steps of the *same* model, interleaved
 round-robin with the frozen floor and peft LoRA r=8, so every ratio comes from one stretch
 of machine time. Variants are written ``mode`` or ``mode/backend``, e.g.
-``clone,scratch,inplace,auto/gather``.
+``clone,scratch,inplace,auto/gather``; a ``+fresh`` suffix makes the SDDMM transpose into
+fresh tensors instead of the reused scratch buffers (``delta.TRANSPOSE_SCRATCH = False``).
 
 Reproduce::
 
@@ -31,6 +32,10 @@ import bench_step  # noqa: E402  (the same model, batch and setups)
 def set_variant(model, variant: str) -> None:
     from sparseft.delta import SparseDeltaLayer
 
+    from sparseft import delta
+
+    variant, fresh, _ = variant.partition("+fresh")
+    delta.TRANSPOSE_SCRATCH = not fresh
     mode, _, backend = variant.partition("/")
     for m in model.modules():
         if isinstance(m, SparseDeltaLayer):
@@ -48,8 +53,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time (time.process_time), far less disturbed by other jobs on a "
+                        "shared machine; use it with --threads 1 (with more threads it counts OpenMP spin-waiting)")
     p.add_argument("--out")
     args = p.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,10 +85,10 @@ def main() -> None:
                 fn = steps["sparse"]
             else:
                 fn = steps[n]
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             if rep >= args.warmup:
-                times[n].append(time.perf_counter() - t0)
+                times[n].append(clock() - t0)
     median = {n: statistics.median(v) * 1000 for n, v in times.items()}
     # Per-repetition ratios (same round) give the spread of each ratio.
     per_rep = {}
@@ -94,7 +103,7 @@ def main() -> None:
         "all_ms": {n: [t * 1000 for t in v] for n, v in times.items()},
         "ratios": per_rep,
         "meta": {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
-                 "rank": args.rank, "machine": platform.machine(), "loadavg_per_rep": loads,
+                 "rank": args.rank, "machine": platform.machine(), "clock": args.clock, "loadavg_per_rep": loads,
                  "loadavg_end": os.getloadavg(), "argv": sys.argv[1:]},
     }
     print(f"load average (1 min) per round: {[round(x, 2) for x in loads]}")

@@ -82,6 +82,30 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+# The SDDMM's two transposes go into reused per-thread buffers (False: fresh tensors each call).
+TRANSPOSE_SCRATCH = True
+_TRANSPOSE_SCRATCH = threading.local()
+
+
+def _transposed_into_scratch(a: torch.Tensor, slot: str) -> torch.Tensor:
+    """``a.t().contiguous()`` written into a reused per-thread buffer (one per slot, grown
+    as needed). The result is only valid until the next call for the same slot."""
+    bufs = _TRANSPOSE_SCRATCH.__dict__.setdefault("bufs", {})
+    key = (slot, a.dtype, a.device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < a.numel():
+        buf = bufs[key] = torch.empty(a.numel(), dtype=a.dtype, device=a.device)
+    out = buf[:a.numel()].view(a.shape[1], a.shape[0])
+    out.copy_(a.t())
+    return out
+
+
+def release_scratch() -> None:
+    """Free this thread's reused buffers (W + S scratch and SDDMM transposes)."""
+    _TRANSPOSE_SCRATCH.__dict__.pop("bufs", None)
+    _SCRATCH.__dict__.pop("bufs", None)
+
+
 def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayout, backend: str) -> torch.Tensor:
     """grad[i] = sum_t row_factor[t, rows[i]] * col_factor[t, cols[i]] for every index entry.
 
@@ -107,8 +131,13 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
                 check_invariants=False,  # the layout is built from validated, sorted, unique indices
             )
         # Both operands token-contiguous: each sampled entry is one contiguous dot product.
-        mat1 = row_factor.t().contiguous()
-        mat2 = col_factor.t().contiguous().t()
+        # The transposes go into reused per-thread buffers (no fresh allocation per layer).
+        if TRANSPOSE_SCRATCH:
+            mat1 = _transposed_into_scratch(row_factor, "row")
+            mat2 = _transposed_into_scratch(col_factor, "col").t()
+        else:
+            mat1 = row_factor.t().contiguous()
+            mat2 = col_factor.t().contiguous().t()
         return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values().to(out_dtype)
     if backend != "gather":
         raise ValueError(f"unknown SDDMM backend {backend!r}")
@@ -144,10 +173,13 @@ def effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.
 #   "scratch"  the same into a reused per-thread buffer of W's shape (no allocation, still O(numel));
 #   "inplace"  add the values into W itself, run the matmul, put the k original entries back
 #              (O(k); the originals are copied back, so W is restored bit for bit);
-#   "auto"     inplace at a low density, scratch above it (measured: bench/bench_weight_modes.py).
+#   "auto"     inplace at a low density, scratch above it.
+# Building W + S alone, 1 thread, CPU time (bench/bench_weight_modes.py, results/weight_modes.json),
+# at 0.1 / 1 / 3 / 10 % density: 384x384 inplace 31 / 44 / 68 / 123 us, scratch 55 / 59 / 62 / 78 us;
+# 1536x384 inplace 38 / 88 / 205 / 410 us, scratch 112 / 140 / 184 / 248 us. Crossover near 2-3 %.
 WEIGHT_MODES = ("auto", "inplace", "scratch", "clone")
 # "auto" takes "inplace" at or below this fraction of indexed entries, "scratch" above it.
-INPLACE_MAX_DENSITY = 0.05
+INPLACE_MAX_DENSITY = 0.02
 _INPLACE_LOCK = threading.RLock()
 _SCRATCH = threading.local()
 
