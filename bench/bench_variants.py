@@ -6,7 +6,8 @@ static random mask at LoRA r=8's parameter count, SparseAdamW), with the sparse 
 round-robin with the frozen floor and peft LoRA r=8, so every ratio comes from one stretch
 of machine time. Variants are written ``mode`` or ``mode/backend``, e.g.
 ``clone,scratch,inplace,auto/gather``; a ``+fresh`` suffix makes the SDDMM transpose into
-fresh tensors instead of the reused scratch buffers (``delta.TRANSPOSE_SCRATCH = False``).
+fresh tensors instead of the reused scratch buffers (``delta.TRANSPOSE_SCRATCH = False``), a
+``+chunkN`` suffix runs it over blocks of about N tokens (``delta.SDDMM_TOKEN_CHUNK = N``).
 
 Reproduce::
 
@@ -36,6 +37,8 @@ def set_variant(model, variant: str) -> None:
 
     variant, fresh, _ = variant.partition("+fresh")
     delta.TRANSPOSE_SCRATCH = not fresh
+    variant, _, chunk = variant.partition("+chunk")
+    delta.SDDMM_TOKEN_CHUNK = int(chunk) if chunk else 0
     mode, _, backend = variant.partition("/")
     for m in model.modules():
         if isinstance(m, SparseDeltaLayer):

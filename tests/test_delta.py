@@ -324,3 +324,32 @@ def test_weight_mode_resolution():
         delta_mod.resolve_weight_mode("nope", w, 3)
     with pytest.raises(ValueError, match="unknown weight mode"):
         SparseDeltaLayer(nn.Linear(2, 2), weight_mode="nope")
+
+
+def test_sddmm_reuses_transpose_buffers_across_shapes():
+    """The sampled_addmm backend transposes into reused per-thread buffers: calls of other
+    sizes in between (a larger one grows the buffer, a smaller one uses its prefix) must not
+    change any result."""
+    gen = torch.Generator().manual_seed(14)
+    cases = []
+    for rows, cols, tokens in [(9, 6, 5), (30, 20, 40), (4, 3, 2), (9, 6, 5)]:
+        a = torch.randn(tokens, rows, generator=gen)
+        b = torch.randn(tokens, cols, generator=gen)
+        idx = random_indices(rows * cols, max(1, rows * cols // 3), gen)
+        cases.append((a, b, idx, (rows, cols)))
+    delta_mod.release_scratch()
+    for a, b, idx, shape in cases + cases[::-1]:
+        got = sddmm(a, b, IndexLayout(idx, torch.Size(shape)), "sampled_addmm")
+        ref = (a.t() @ b).reshape(-1)[idx.long()]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 1000])
+def test_sddmm_token_blocks_match_dense_product(chunk, monkeypatch):
+    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(15)
+    a = torch.randn(17, 9, generator=gen)
+    b = torch.randn(17, 6, generator=gen)
+    idx = random_indices(54, 20, gen)
+    got = sddmm(a, b, IndexLayout(idx, torch.Size((9, 6))), "sampled_addmm")
+    torch.testing.assert_close(got, (a.t() @ b).reshape(-1)[idx.long()], rtol=1e-5, atol=1e-5)

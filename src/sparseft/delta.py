@@ -84,6 +84,13 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 
 # The SDDMM's two transposes go into reused per-thread buffers (False: fresh tensors each call).
 TRANSPOSE_SCRATCH = True
+# sampled_addmm over blocks of about this many tokens (0: all at once), accumulating. Transposing
+# a (tokens x n) block whose length is a multiple of 1024 floats (e.g. 2048 tokens) makes the
+# transposed rows alias in the cache; blocks of ~300 tokens avoid that and stay in cache
+# (1 thread, CPU time, 2048 tokens, 3 % density: SDDMM 0.55-0.8x of the unblocked one; the
+# MiniLM step 0.92x, bench/results/variants_minilm_chunk_cpu1.json). Each block is one more
+# parallel region: on a machine whose other core is busy that can cost more than it saves.
+SDDMM_TOKEN_CHUNK = 293
 _TRANSPOSE_SCRATCH = threading.local()
 
 
@@ -131,14 +138,21 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
                 check_invariants=False,  # the layout is built from validated, sorted, unique indices
             )
         # Both operands token-contiguous: each sampled entry is one contiguous dot product.
-        # The transposes go into reused per-thread buffers (no fresh allocation per layer).
-        if TRANSPOSE_SCRATCH:
-            mat1 = _transposed_into_scratch(row_factor, "row")
-            mat2 = _transposed_into_scratch(col_factor, "col").t()
-        else:
-            mat1 = row_factor.t().contiguous()
-            mat2 = col_factor.t().contiguous().t()
-        return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values().to(out_dtype)
+        # The transposes go into reused per-thread buffers (no fresh allocation per layer),
+        # a block of tokens at a time when SDDMM_TOKEN_CHUNK is set (see there).
+        n_chunks = max(1, round(tokens / SDDMM_TOKEN_CHUNK)) if SDDMM_TOKEN_CHUNK and TRANSPOSE_SCRATCH else 1
+        result = pattern
+        for c in range(n_chunks):
+            start, stop = tokens * c // n_chunks, tokens * (c + 1) // n_chunks
+            rf, cf = (row_factor, col_factor) if n_chunks == 1 else (row_factor[start:stop], col_factor[start:stop])
+            if TRANSPOSE_SCRATCH:
+                mat1 = _transposed_into_scratch(rf, "row")
+                mat2 = _transposed_into_scratch(cf, "col").t()
+            else:
+                mat1 = rf.t().contiguous()
+                mat2 = cf.t().contiguous().t()
+            result = torch.sparse.sampled_addmm(result, mat1, mat2, beta=1.0 if c else 0.0)
+        return result.values().to(out_dtype)
     if backend != "gather":
         raise ValueError(f"unknown SDDMM backend {backend!r}")
     # Gather with an fp32 accumulator, chunked so memory stays bounded.
