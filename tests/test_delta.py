@@ -353,3 +353,23 @@ def test_sddmm_token_blocks_match_dense_product(chunk, monkeypatch):
     idx = random_indices(54, 20, gen)
     got = sddmm(a, b, IndexLayout(idx, torch.Size((9, 6))), "sampled_addmm")
     torch.testing.assert_close(got, (a.t() @ b).reshape(-1)[idx.long()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_values_grad_with_observer_matches_dense_reference(kind, dtype):
+    """With a grad observer the values' gradient is gathered from the dense gradient (no SDDMM);
+    it must still equal the dense reference, also when the observer scribbles on its buffer."""
+    gen = torch.Generator().manual_seed(16)
+    base = make_base(kind, 7, 5, True, gen, dtype)
+    idx = random_indices(35, 12, gen)
+    layer = SparseDeltaLayer(base, idx)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(12, generator=gen).to(dtype))
+    layer.grad_observer = lambda g: g.zero_()  # reuses the buffer in place, as scorers do
+    x = torch.randn(4, 5, generator=gen).to(dtype).requires_grad_(True)
+    layer(x).pow(2).sum().backward()
+    y_ref, w_ref, _, x_ref = dense_reference(kind, layer.weight, layer.bias, idx, layer.values, x)
+    y_ref.pow(2).sum().backward()
+    assert_close(layer.values.grad, w_ref.grad.reshape(-1)[idx.long()], dtype, "grad values")
+    assert_close(x.grad, x_ref.grad, dtype, "grad x")

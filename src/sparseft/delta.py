@@ -140,7 +140,8 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         # Both operands token-contiguous: each sampled entry is one contiguous dot product.
         # The transposes go into reused per-thread buffers (no fresh allocation per layer),
         # a block of tokens at a time when SDDMM_TOKEN_CHUNK is set (see there).
-        n_chunks = max(1, round(tokens / SDDMM_TOKEN_CHUNK)) if SDDMM_TOKEN_CHUNK and TRANSPOSE_SCRATCH else 1
+        blocked = SDDMM_TOKEN_CHUNK and TRANSPOSE_SCRATCH and row_factor.device.type == "cpu"  # measured on CPU only
+        n_chunks = max(1, round(tokens / SDDMM_TOKEN_CHUNK)) if blocked else 1
         result = pattern
         for c in range(n_chunks):
             start, stop = tokens * c // n_chunks, tokens * (c + 1) // n_chunks
@@ -292,13 +293,18 @@ class SparseDeltaFunction(torch.autograd.Function):
         x2 = _as_2d(x)
         # Weight rows are outputs for Linear (W: out x in) and inputs for Conv1D (W: in x out).
         row_factor, col_factor = (x2, g2) if ctx.transposed else (g2, x2)
+        # Only scoring steps ask for the dense gradient of the frozen weight; it then also
+        # gives the values' gradient (a gather) instead of a separate SDDMM.
+        dense = row_factor.t().matmul(col_factor) if ctx.grad_observer is not None else None
         if needs_values:
-            grad_values = sddmm(row_factor, col_factor, ctx.layout, ctx.backend).to(values.dtype)
+            if dense is not None:
+                grad_values = dense.reshape(-1).index_select(0, indices).to(values.dtype)
+            else:
+                grad_values = sddmm(row_factor, col_factor, ctx.layout, ctx.backend).to(values.dtype)
         if needs_bias and ctx.has_bias:
             grad_bias = g2.sum(0)
-        if ctx.grad_observer is not None:
-            # Only selection steps ask for this: the dense gradient of the frozen weight.
-            ctx.grad_observer(row_factor.t().matmul(col_factor))
+        if dense is not None:
+            ctx.grad_observer(dense)  # after the gather: an observer may reuse the buffer in place
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
 
 
