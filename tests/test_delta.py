@@ -236,3 +236,140 @@ def test_validate_indices_accepts_int64_and_returns_int32():
     assert out.dtype == torch.int32 and out.tolist() == [0, 4, 11]
     with pytest.raises(TypeError):
         validate_indices([0, 1], 12)
+
+
+# -- ways of building W + S (weight modes) and the custom-op path (torch.compile) -------------
+@pytest.mark.parametrize("use_op", [False, True], ids=["function", "op"])
+@pytest.mark.parametrize("mode", list(delta_mod.WEIGHT_MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("density", [0.02, 0.5], ids=["d2pct", "d50pct"])
+def test_weight_modes_and_op_match_dense_reference(density, kind, dtype, mode, use_op):
+    out_f, in_f = 12, 9
+    gen = torch.Generator().manual_seed(11 + (kind == "linear"))
+    base = make_base(kind, out_f, in_f, True, gen, dtype)
+    original = base.weight.detach().clone()
+    version = base.weight._version
+    k = max(1, int(density * out_f * in_f))
+    idx = random_indices(out_f * in_f, k, gen)
+    layer = SparseDeltaLayer(base, idx, weight_mode=mode)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(k, generator=gen).to(dtype))
+    layer.bias.requires_grad_(True)
+    x = torch.randn(2, 5, in_f, generator=gen).to(dtype).requires_grad_(True)
+    r = torch.randn(2, 5, out_f, generator=gen).to(dtype)
+    y = delta_mod.sparse_delta_linear(x, layer.weight, layer.bias, layer.values, layer.layout, layer.transposed,
+                                      layer.backend, mode, use_op=use_op)
+    (y * r).pow(2).sum().backward()
+    y_ref, w_ref, b_ref, x_ref = dense_reference(kind, layer.weight, layer.bias, idx, layer.values, x)
+    (y_ref * r.float()).pow(2).sum().backward()
+    assert_close(y, y_ref, dtype, "output")
+    assert_close(layer.values.grad, w_ref.grad.reshape(-1)[idx.long()], dtype, "grad values")
+    assert_close(x.grad, x_ref.grad, dtype, "grad x")
+    assert_close(layer.bias.grad, b_ref.grad, dtype, "grad bias")
+    # every mode leaves W as it was, bit for bit, and untouched as far as autograd can tell
+    assert torch.equal(layer.weight, original)
+    assert layer.weight._version == version and layer.weight.grad is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_weight_modes_give_bit_identical_outputs_and_grads(kind):
+    gen = torch.Generator().manual_seed(12)
+    base = make_base(kind, 40, 24, True, gen)
+    idx = random_indices(40 * 24, 30, gen)
+    layer = SparseDeltaLayer(base, idx)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(30, generator=gen))
+    x0 = torch.randn(7, 24, generator=gen)
+    results = {}
+    for mode in delta_mod.WEIGHT_MODES:
+        layer.weight_mode = mode
+        layer.values.grad = None
+        x = x0.clone().requires_grad_(True)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        results[mode] = (y.detach(), x.grad, layer.values.grad.clone())
+    for mode, got in results.items():
+        for a, b in zip(got, results["clone"]):
+            assert torch.equal(a, b), mode
+
+
+def test_inplace_mode_restores_weight_when_the_kernel_fails():
+    gen = torch.Generator().manual_seed(13)
+    base = make_base("linear", 6, 5, False, gen)
+    original = base.weight.detach().clone()
+    layer = SparseDeltaLayer(base, random_indices(30, 4, gen), weight_mode="inplace")
+    with torch.no_grad():
+        layer.values.fill_(1.0)
+
+    def boom(w):
+        assert not torch.equal(w, original)  # the delta is in W while the kernel runs
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        delta_mod.with_effective_weight(layer.weight, layer.values, layer.layout, "inplace", boom)
+    assert torch.equal(layer.weight, original)
+
+
+def test_weight_mode_resolution():
+    w = torch.zeros(10, 10)
+    with torch.no_grad():  # as inside an autograd.Function's forward or a plain backward
+        assert delta_mod.resolve_weight_mode("auto", w, 1) == "inplace"
+        assert delta_mod.resolve_weight_mode("auto", w, 60) == "scratch"
+        assert delta_mod.resolve_weight_mode("inplace", w, 100) == "clone"  # a full index
+        assert delta_mod.resolve_weight_mode("inplace", w.t(), 3) == "clone"  # not contiguous
+    with torch.enable_grad():  # a kernel run with grad mode on (double backward) gets a private copy
+        assert delta_mod.resolve_weight_mode("inplace", w, 3) == "clone"
+    with pytest.raises(ValueError, match="unknown weight mode"):
+        delta_mod.resolve_weight_mode("nope", w, 3)
+    with pytest.raises(ValueError, match="unknown weight mode"):
+        SparseDeltaLayer(nn.Linear(2, 2), weight_mode="nope")
+
+
+def test_sddmm_reuses_transpose_buffers_across_shapes():
+    """The sampled_addmm backend transposes into reused per-thread buffers: calls of other
+    sizes in between (a larger one grows the buffer, a smaller one uses its prefix) must not
+    change any result."""
+    gen = torch.Generator().manual_seed(14)
+    cases = []
+    for rows, cols, tokens in [(9, 6, 5), (30, 20, 40), (4, 3, 2), (9, 6, 5)]:
+        a = torch.randn(tokens, rows, generator=gen)
+        b = torch.randn(tokens, cols, generator=gen)
+        idx = random_indices(rows * cols, max(1, rows * cols // 3), gen)
+        cases.append((a, b, idx, (rows, cols)))
+    delta_mod.release_scratch()
+    for a, b, idx, shape in cases + cases[::-1]:
+        got = sddmm(a, b, IndexLayout(idx, torch.Size(shape)), "sampled_addmm")
+        ref = (a.t() @ b).reshape(-1)[idx.long()]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 1000])
+def test_sddmm_token_blocks_match_dense_product(chunk, monkeypatch):
+    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(15)
+    a = torch.randn(17, 9, generator=gen)
+    b = torch.randn(17, 6, generator=gen)
+    idx = random_indices(54, 20, gen)
+    got = sddmm(a, b, IndexLayout(idx, torch.Size((9, 6))), "sampled_addmm")
+    torch.testing.assert_close(got, (a.t() @ b).reshape(-1)[idx.long()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_values_grad_with_observer_matches_dense_reference(kind, dtype):
+    """With a grad observer the values' gradient is gathered from the dense gradient (no SDDMM);
+    it must still equal the dense reference, also when the observer scribbles on its buffer."""
+    gen = torch.Generator().manual_seed(16)
+    base = make_base(kind, 7, 5, True, gen, dtype)
+    idx = random_indices(35, 12, gen)
+    layer = SparseDeltaLayer(base, idx)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(12, generator=gen).to(dtype))
+    layer.grad_observer = lambda g: g.zero_()  # reuses the buffer in place, as scorers do
+    x = torch.randn(4, 5, generator=gen).to(dtype).requires_grad_(True)
+    layer(x).pow(2).sum().backward()
+    y_ref, w_ref, _, x_ref = dense_reference(kind, layer.weight, layer.bias, idx, layer.values, x)
+    y_ref.pow(2).sum().backward()
+    assert_close(layer.values.grad, w_ref.grad.reshape(-1)[idx.long()], dtype, "grad values")
+    assert_close(x.grad, x_ref.grad, dtype, "grad x")

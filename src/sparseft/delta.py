@@ -6,6 +6,7 @@ the values' gradient is a sampled dense-dense matmul (SDDMM) over the index only
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable
 
@@ -40,33 +41,79 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 class IndexLayout:
-    """Derived forms of a flat index that the kernels want; rebuilt when the index changes."""
+    """Derived forms of a flat index that the kernels want; rebuilt when the index changes.
 
-    def __init__(self, indices: torch.Tensor, weight_shape: torch.Size):
+    ``crow``/``col`` (int32) are the CSR pattern for ``sampled_addmm``, ``rows`` (int32) the
+    row of each entry (gather backend), ``flat_long`` the index as int64 (``index_copy_``
+    wants it, for the in-place weight mode): 16 bytes per entry beside the int32 index.
+    """
+
+    def __init__(self, indices: torch.Tensor, weight_shape: torch.Size | tuple[int, int],
+                 parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         rows_n, cols_n = weight_shape
-        self.weight_shape = (rows_n, cols_n)
+        self.weight_shape = (int(rows_n), int(cols_n))
         self.numel = int(indices.numel())
         self.device = indices.device
+        self.indices = indices
         # A full index (sorted, unique, as many as the weight's entries) is 0..n-1: the
         # values' gradient is then the dense weight gradient itself, one matmul, and the
-        # row/column buffers (16 bytes per entry) are not built. Dense-silo methods (DST)
-        # use this.
+        # row/column buffers are not built. Dense-silo methods (DST) use this.
         self.full = self.numel == rows_n * cols_n and self.numel > 0
-        if self.full:
+        if parts is not None:  # already built (inside the custom op)
+            self.crow, self.col, self.rows, self.flat_long = parts
+            return
+        empty = indices.new_zeros(0)
+        if self.full or self.numel == 0:
+            self.crow, self.col, self.rows, self.flat_long = empty, empty, empty, empty.long()
             return
         flat = indices.long()
-        self.rows = flat // cols_n
-        self.cols = flat % cols_n
-        counts = torch.bincount(self.rows, minlength=rows_n)
+        rows = flat // cols_n
+        counts = torch.bincount(rows, minlength=rows_n)
         crow = torch.zeros(rows_n + 1, dtype=torch.int32, device=indices.device)
         crow[1:] = counts.cumsum(0)
         self.crow = crow
-        self.col = self.cols.to(torch.int32)
-        self.flat = flat
+        self.col = (flat % cols_n).to(torch.int32)
+        self.rows = rows.to(torch.int32)
+        self.flat_long = flat
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.crow, self.col, self.rows, self.flat_long
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+# The SDDMM's two transposes go into reused per-thread buffers (False: fresh tensors each call).
+TRANSPOSE_SCRATCH = True
+# sampled_addmm over blocks of about this many tokens (0: all at once), accumulating. Transposing
+# a (tokens x n) block whose length is a multiple of 1024 floats (e.g. 2048 tokens) makes the
+# transposed rows alias in the cache; blocks of ~300 tokens avoid that and stay in cache
+# (1 thread, CPU time, 2048 tokens, 3 % density: SDDMM 0.55-0.8x of the unblocked one; the
+# MiniLM step 0.92x, bench/results/variants_minilm_chunk_cpu1.json). Each block is one more
+# parallel region: on a machine whose other core is busy that can cost more than it saves.
+SDDMM_TOKEN_CHUNK = 293
+_TRANSPOSE_SCRATCH = threading.local()
+
+
+def _transposed_into_scratch(a: torch.Tensor, slot: str) -> torch.Tensor:
+    """``a.t().contiguous()`` written into a reused per-thread buffer (one per slot, grown
+    as needed). The result is only valid until the next call for the same slot."""
+    bufs = _TRANSPOSE_SCRATCH.__dict__.setdefault("bufs", {})
+    key = (slot, a.dtype, a.device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < a.numel():
+        buf = bufs[key] = torch.empty(a.numel(), dtype=a.dtype, device=a.device)
+    out = buf[:a.numel()].view(a.shape[1], a.shape[0])
+    out.copy_(a.t())
+    return out
+
+
+def release_scratch() -> None:
+    """Free this thread's reused buffers (W + S scratch and SDDMM transposes)."""
+    _TRANSPOSE_SCRATCH.__dict__.pop("bufs", None)
+    _SCRATCH.__dict__.pop("bufs", None)
 
 
 def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayout, backend: str) -> torch.Tensor:
@@ -92,7 +139,7 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
     out_dtype = row_factor.dtype
     if backend == "dense":
         # Transient: one weight-sized buffer, freed as soon as the entries are read.
-        return row_factor.t().matmul(col_factor).view(-1).index_select(0, layout.flat)
+        return row_factor.t().matmul(col_factor).view(-1).index_select(0, layout.flat_long)
     if backend == "sampled_addmm":
         if row_factor.dtype not in (torch.float32, torch.float64):
             # sampled_addmm has no bf16 kernel (CPU or CUDA) in the torch versions we support: upcast.
@@ -104,9 +151,22 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
                 check_invariants=False,  # the layout is built from validated, sorted, unique indices
             )
         # Both operands token-contiguous: each sampled entry is one contiguous dot product.
-        mat1 = row_factor.t().contiguous()
-        mat2 = col_factor.t().contiguous().t()
-        return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values().to(out_dtype)
+        # The transposes go into reused per-thread buffers (no fresh allocation per layer),
+        # a block of tokens at a time when SDDMM_TOKEN_CHUNK is set (see there).
+        blocked = SDDMM_TOKEN_CHUNK and TRANSPOSE_SCRATCH and row_factor.device.type == "cpu"  # measured on CPU only
+        n_chunks = max(1, round(tokens / SDDMM_TOKEN_CHUNK)) if blocked else 1
+        result = pattern
+        for c in range(n_chunks):
+            start, stop = tokens * c // n_chunks, tokens * (c + 1) // n_chunks
+            rf, cf = (row_factor, col_factor) if n_chunks == 1 else (row_factor[start:stop], col_factor[start:stop])
+            if TRANSPOSE_SCRATCH:
+                mat1 = _transposed_into_scratch(rf, "row")
+                mat2 = _transposed_into_scratch(cf, "col").t()
+            else:
+                mat1 = rf.t().contiguous()
+                mat2 = cf.t().contiguous().t()
+            result = torch.sparse.sampled_addmm(result, mat1, mat2, beta=1.0 if c else 0.0)
+        return result.values().to(out_dtype)
     if backend != "gather":
         raise ValueError(f"unknown SDDMM backend {backend!r}")
     # Gather with an fp32 accumulator, chunked so memory stays bounded.
@@ -115,7 +175,7 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
     chunk = max(1, GATHER_CHUNK_ELEMENTS // max(tokens, 1))
     for start in range(0, layout.numel, chunk):
         r = layout.rows[start:start + chunk]
-        c = layout.cols[start:start + chunk]
+        c = layout.col[start:start + chunk]
         prod = row_factor.index_select(1, r).to(acc_dtype) * col_factor.index_select(1, c).to(acc_dtype)
         out[start:start + chunk] = prod.sum(0)
     return out.to(out_dtype)
@@ -136,21 +196,97 @@ def effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.
     return merged
 
 
+# How a kernel gets W + S (section 2 of DESIGN.md); all give bit-identical results:
+#   "clone"    a fresh copy of W plus the values (one allocation and O(numel) copy per call);
+#   "scratch"  the same into a reused per-thread buffer of W's shape (no allocation, still O(numel));
+#   "inplace"  add the values into W itself, run the matmul, put the k original entries back
+#              (O(k); the originals are copied back, so W is restored bit for bit);
+#   "auto"     inplace at a low density, scratch above it.
+# Building W + S alone, 1 thread, CPU time (bench/bench_weight_modes.py, results/weight_modes.json),
+# at 0.1 / 1 / 3 / 10 % density: 384x384 inplace 31 / 44 / 68 / 123 us, scratch 55 / 59 / 62 / 78 us;
+# 1536x384 inplace 38 / 88 / 205 / 410 us, scratch 112 / 140 / 184 / 248 us. Crossover near 2-3 %.
+WEIGHT_MODES = ("auto", "inplace", "scratch", "clone")
+# "auto" takes "inplace" at or below this fraction of indexed entries, "scratch" above it.
+INPLACE_MAX_DENSITY = 0.02
+_INPLACE_LOCK = threading.RLock()
+_SCRATCH = threading.local()
+
+
+def _scratch_buffer(weight: torch.Tensor) -> torch.Tensor:
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    key = (tuple(weight.shape), weight.dtype, weight.device)
+    buf = bufs.get(key)
+    if buf is None:
+        buf = bufs[key] = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return buf
+
+
+def resolve_weight_mode(mode: str, weight: torch.Tensor, num_entries: int) -> str:
+    """The concrete way to build W + S for one call (see ``WEIGHT_MODES``)."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"unknown weight mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    if torch.is_grad_enabled() or type(weight.data) is not torch.Tensor or not weight.is_contiguous():
+        # Grad mode inside a kernel means a double backward records the matmul and keeps its
+        # weight operand: it must be a private copy. Tensor subclasses (DTensor shards) and
+        # odd strides also take the plain path.
+        return "clone"
+    if num_entries == weight.numel():
+        return "clone"  # a full index: touching every entry anyway
+    if mode == "auto":
+        return "inplace" if num_entries <= INPLACE_MAX_DENSITY * weight.numel() else "scratch"
+    return mode
+
+
+def with_effective_weight(weight: torch.Tensor, values: torch.Tensor, layout: IndexLayout, mode: str,
+                          fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(W + S)``; ``fn`` must not keep a reference to its argument (it may be W itself
+    or a shared scratch buffer) and must return a fresh tensor."""
+    if values.numel() == 0:
+        return fn(weight.detach())
+    mode = resolve_weight_mode(mode, weight, values.numel())
+    vals = values.detach().to(weight.dtype)
+    if mode == "clone":
+        return fn(effective_weight(weight, layout.indices, values))
+    if mode == "scratch":
+        buf = _scratch_buffer(weight)
+        buf.copy_(weight.detach())
+        buf.view(-1).index_add_(0, layout.indices, vals)
+        return fn(buf)
+    # inplace: ``.data`` so that the temporary change neither bumps W's version counter nor
+    # is seen by autograd; W is frozen and this function never lets autograd save it.
+    w = weight.data
+    flat = w.view(-1)
+    with _INPLACE_LOCK:
+        original = flat.index_select(0, layout.indices)
+        flat.index_add_(0, layout.indices, vals)
+        try:
+            return fn(w)
+        finally:
+            flat.index_copy_(0, layout.flat_long, original)
+
+
+def _forward_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    if transposed:
+        # Same kernel as transformers' Conv1D (addmm), so zero values give bit-identical outputs.
+        x2 = _as_2d(x)
+        out = torch.addmm(bias, x2, w) if bias is not None else x2.matmul(w)
+        return out.view(*x.shape[:-1], w.shape[-1])
+    return F.linear(x, w, bias)
+
+
+def _grad_input_kernel(grad_out: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return grad_out.matmul(w.t()) if transposed else grad_out.matmul(w)
+
+
 class SparseDeltaFunction(torch.autograd.Function):
     """y = x @ (W + S)^T + b for Linear, y = x @ (W + S) + b for Conv1D."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, layout, transposed, backend, grad_observer):
-        w_eff = effective_weight(weight, indices, values)
-        if transposed:
-            # Same kernel as transformers' Conv1D (addmm), so zero values give bit-identical outputs.
-            x2 = _as_2d(x)
-            out = torch.addmm(bias, x2, w_eff) if bias is not None else x2.matmul(w_eff)
-            out = out.view(*x.shape[:-1], w_eff.shape[-1])
-        else:
-            out = F.linear(x, w_eff, bias)
+    def forward(ctx, x, weight, bias, values, indices, layout, transposed, backend, grad_observer, weight_mode="auto"):
+        out = with_effective_weight(weight, values, layout, weight_mode, lambda w: _forward_kernel(x, w, bias, transposed))
         ctx.save_for_backward(x, weight, values, indices)
         ctx.layout = layout
+        ctx.weight_mode = weight_mode
         ctx.transposed = transposed
         ctx.backend = backend
         ctx.has_bias = bias is not None
@@ -163,31 +299,143 @@ class SparseDeltaFunction(torch.autograd.Function):
         needs_x, _, needs_bias, needs_values = ctx.needs_input_grad[:4]
         grad_x = grad_bias = grad_values = None
         if needs_x:
-            # Recomputing W + S is one add per entry: cheaper than keeping a dense copy alive.
-            w_eff = effective_weight(weight, indices, values)
-            grad_x = grad_out.matmul(w_eff) if not ctx.transposed else grad_out.matmul(w_eff.t())
+            # Recomputing W + S costs O(k) (or one copy): cheaper than keeping a dense copy alive.
+            grad_x = with_effective_weight(weight, values, ctx.layout, ctx.weight_mode,
+                                           lambda w: _grad_input_kernel(grad_out, w, ctx.transposed))
         g2 = _as_2d(grad_out)
         x2 = _as_2d(x)
         # Weight rows are outputs for Linear (W: out x in) and inputs for Conv1D (W: in x out).
         row_factor, col_factor = (x2, g2) if ctx.transposed else (g2, x2)
+        # Only scoring steps ask for the dense gradient of the frozen weight; it then also
+        # gives the values' gradient (a gather) instead of a separate SDDMM.
+        dense = row_factor.t().matmul(col_factor) if ctx.grad_observer is not None else None
         if needs_values:
-            grad_values = sddmm(row_factor, col_factor, ctx.layout, ctx.backend).to(values.dtype)
+            if dense is not None:
+                grad_values = dense.reshape(-1).index_select(0, indices).to(values.dtype)
+            else:
+                grad_values = sddmm(row_factor, col_factor, ctx.layout, ctx.backend).to(values.dtype)
         if needs_bias and ctx.has_bias:
             grad_bias = g2.sum(0)
-        if ctx.grad_observer is not None:
-            # Only selection steps ask for this: the dense gradient of the frozen weight.
-            ctx.grad_observer(row_factor.t().matmul(col_factor))
-        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
+        if dense is not None:
+            ctx.grad_observer(dense)  # after the gather: an observer may reuse the buffer in place
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
+
+
+# -- the same computation as torch custom ops, for torch.compile ---------------------------
+# Dynamo cannot trace through SparseDeltaFunction's non-tensor arguments (the layout object,
+# the observer callable) and would break the graph at every layer. Under torch.compile the
+# layer calls these ops instead: opaque to the compiler, with the same kernels as above and
+# their backward registered, so the compiled graph holds one node per sparse layer each way.
+# (Scoring steps, which set a grad observer, keep the autograd.Function and graph-break.)
+_OP_NS = "sparseft"
+
+
+def _layout_from(indices, crow, col, rows, flat_long, weight_shape) -> IndexLayout:
+    return IndexLayout(indices, weight_shape, parts=(crow, col, rows, flat_long))
+
+
+@torch.library.custom_op(f"{_OP_NS}::delta_linear", mutates_args=())
+def _delta_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
+                     indices: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, rows: torch.Tensor,
+                     flat_long: torch.Tensor, transposed: bool, weight_mode: str, backend: str) -> torch.Tensor:
+    # ``backend`` is the SDDMM backend of the backward. W is changed and restored bit for bit inside ("inplace" mode): nothing mutated on exit.
+    layout = _layout_from(indices, crow, col, rows, flat_long, weight.shape)
+    return with_effective_weight(weight, values, layout, weight_mode, lambda w: _forward_kernel(x, w, bias, transposed))
+
+
+@_delta_linear_op.register_fake
+def _(x, weight, bias, values, indices, crow, col, rows, flat_long, transposed, weight_mode, backend):
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op(f"{_OP_NS}::delta_grad_input", mutates_args=())
+def _delta_grad_input_op(grad_out: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                         crow: torch.Tensor, col: torch.Tensor, rows: torch.Tensor, flat_long: torch.Tensor,
+                         transposed: bool, weight_mode: str) -> torch.Tensor:
+    layout = _layout_from(indices, crow, col, rows, flat_long, weight.shape)
+    return with_effective_weight(weight, values, layout, weight_mode,
+                                 lambda w: _grad_input_kernel(grad_out, w, transposed))
+
+
+@_delta_grad_input_op.register_fake
+def _(grad_out, weight, values, indices, crow, col, rows, flat_long, transposed, weight_mode):
+    in_features = weight.shape[0] if transposed else weight.shape[1]
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+
+@torch.library.custom_op(f"{_OP_NS}::sddmm", mutates_args=())
+def _sddmm_op(row_factor: torch.Tensor, col_factor: torch.Tensor, indices: torch.Tensor, crow: torch.Tensor,
+              col: torch.Tensor, rows: torch.Tensor, flat_long: torch.Tensor, weight_rows: int, weight_cols: int,
+              backend: str) -> torch.Tensor:
+    layout = _layout_from(indices, crow, col, rows, flat_long, (weight_rows, weight_cols))
+    return sddmm(row_factor, col_factor, layout, backend)
+
+
+@_sddmm_op.register_fake
+def _(row_factor, col_factor, indices, crow, col, rows, flat_long, weight_rows, weight_cols, backend):
+    return row_factor.new_empty((indices.shape[0],))
+
+
+def _delta_linear_setup(ctx, inputs, output):
+    x, weight, bias, values, indices, crow, col, rows, flat_long, transposed, weight_mode, backend = inputs
+    ctx.save_for_backward(x, weight, values, indices, crow, col, rows, flat_long)
+    ctx.transposed = transposed
+    ctx.weight_mode = weight_mode
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _delta_linear_backward(ctx, grad_out):
+    x, weight, values, indices, crow, col, rows, flat_long = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x = grad_bias = grad_values = None
+    if needs[0]:
+        grad_x = _delta_grad_input_op(grad_out, weight, values, indices, crow, col, rows, flat_long,
+                                      ctx.transposed, ctx.weight_mode)
+    g2 = _as_2d(grad_out)
+    x2 = _as_2d(x)
+    row_factor, col_factor = (x2, g2) if ctx.transposed else (g2, x2)
+    if needs[3]:
+        grad_values = _sddmm_op(row_factor, col_factor, indices, crow, col, rows, flat_long,
+                                weight.shape[0], weight.shape[1], ctx.backend).to(values.dtype)
+    if needs[2] and ctx.has_bias:
+        grad_bias = g2.sum(0)
+    return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None, None, None
+
+
+_delta_linear_op.register_autograd(_delta_linear_backward, setup_context=_delta_linear_setup)
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
+                        layout: IndexLayout, transposed: bool, backend: str = "auto", weight_mode: str = "auto",
+                        grad_observer: Callable[[torch.Tensor], None] | None = None,
+                        use_op: bool | None = None) -> torch.Tensor:
+    """y = x @ (W + S)^T + b (Linear) or x @ (W + S) + b (Conv1D) with the sparse-delta backward.
+
+    ``use_op`` picks the custom-op path (default: only while torch.compile traces); the
+    autograd.Function path is taken otherwise and whenever a grad observer is set.
+    """
+    if use_op is None:
+        use_op = torch.compiler.is_compiling()
+    if use_op and grad_observer is None:
+        return _delta_linear_op(x, weight, bias, values, layout.indices, *layout.parts, transposed, weight_mode, backend)
+    return SparseDeltaFunction.apply(x, weight, bias, values, layout.indices, layout, transposed, backend,
+                                     grad_observer, weight_mode)
 
 
 class SparseDeltaLayer(nn.Module):
     """Wraps a frozen ``nn.Linear`` or GPT-2 ``Conv1D`` with a trainable sparse delta."""
 
-    def __init__(self, base_layer: nn.Module, indices: torch.Tensor | None = None, backend: str = "auto"):
+    def __init__(self, base_layer: nn.Module, indices: torch.Tensor | None = None, backend: str = "auto",
+                 weight_mode: str = "auto"):
         super().__init__()
+        if weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"unknown weight mode {weight_mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
         self.base_layer = base_layer
         self.transposed = weight_is_transposed(base_layer)
         self.backend = backend
+        self.weight_mode = weight_mode
         weight = base_layer.weight
         weight.requires_grad_(False)
         if indices is None:
@@ -245,7 +493,8 @@ class SparseDeltaLayer(nn.Module):
         with torch.no_grad():
             self.values.set_(values.detach().to(device=device, dtype=self.values.dtype).clone())
         self.values.grad = None
-        self._layout = None
+        # Built now, not on first use: a compiled forward then only reads it.
+        self._layout = IndexLayout(self.indices, self.weight.shape)
 
     def _require_whole_weight(self, what: str) -> None:
         # FSDP2 keeps the base weight as a sharded DTensor outside forward: writing entries
@@ -316,13 +565,15 @@ class SparseDeltaLayer(nn.Module):
 
     @property
     def layout(self) -> IndexLayout:
-        if self._layout is None or self._layout.device != self.indices.device:
+        if self._layout is None or self._layout.indices is not self.indices:
             self._layout = IndexLayout(self.indices, self.weight.shape)
         return self._layout
 
     def _apply(self, fn, recurse=True):  # keep the cached layout on the module's device
         self._layout = None
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._layout = IndexLayout(self.indices, self.weight.shape)
+        return out
 
     # -- compute ------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,11 +586,8 @@ class SparseDeltaLayer(nn.Module):
                 # gradient (an empty one here) in every backward pass, on every rank.
                 out = out + self.values.sum()
         else:
-            bias = self.base_layer.bias
-            out = SparseDeltaFunction.apply(
-                x, self.weight, bias, self.values, self.indices, self.layout,
-                self.transposed, self.backend, self.grad_observer,
-            )
+            out = sparse_delta_linear(x, self.weight, self.base_layer.bias, self.values, self.layout, self.transposed,
+                                      self.backend, self.weight_mode, self.grad_observer)
         if self.ddp_anchor is not None and torch.is_grad_enabled():
             out = out + self.ddp_anchor.sum()  # an empty sum: 0, so the output is unchanged
         return out
