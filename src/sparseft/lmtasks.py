@@ -206,7 +206,7 @@ def evaluate_perplexity(model, loader) -> dict[str, float]:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     try:
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
@@ -231,7 +231,7 @@ def evaluate_generation(model, pairs: Sequence[Pair], tokenizer, batch_size: int
     was_training = model.training
     model.eval()
     collate = CausalCollator(tokenizer.pad_token_id, left=True)
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     hits, samples = 0, []
     try:
         for start in range(0, len(pairs), batch_size):

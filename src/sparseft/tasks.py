@@ -219,7 +219,7 @@ def evaluate_classifier(model: torch.nn.Module, loader, device=None) -> dict[str
 
     Runs in eval mode without gradients and restores the model's previous mode.
     """
-    device = device or next(model.parameters()).device
+    device = device or next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     total_loss = 0.0
