@@ -37,7 +37,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -87,16 +86,9 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="cpu: this process's CPU time (time.process_time), far less disturbed by other jobs on a "
-                        "shared machine; use it with --threads 1 (with more threads it counts OpenMP spin-waiting)")
-    p.add_argument("--out")
+    bench_step.add_timing_options(p)
     args = p.parse_args()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = bench_step.apply_timing_options(args)
     from sparseft.train import SparseController
 
     methods = args.methods.split(",")

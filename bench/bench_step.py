@@ -77,7 +77,7 @@ def targets_for(model_name: str) -> list[str]:
     return DECODER_TARGETS if is_causal(model_name) else TARGETS
 
 
-def load_base(model_name: str, device: str, dtype: torch.dtype):
+def load_base(model_name: str = "default", device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def load_base(model_name: str, device: str, dtype: torch.dtype):
     return model.to(device=device, dtype=dtype)
 
 
-def lora_param_count(model, rank: int, targets: list[str]) -> int:
+def lora_param_count(model, rank: int, targets: list[str] = TARGETS) -> int:
     from sparseft.inject import find_target_modules
     from sparseft.delta import linear_shape
     from sparseft.select import lora_equivalent_params
@@ -109,18 +109,18 @@ def lora_param_count(model, rank: int, targets: list[str]) -> int:
     return lora_equivalent_params({n: linear_shape(model.get_submodule(n)) for n in names}, rank)
 
 
-def build(setup: str, args):
+def build(setup: str, rank: int, model_name: str = "default", device: str = "cpu", dtype: str = "fp32"):
     """(model, optimizer or None, uses_inputs_embeds)."""
     import peft
 
     import sparseft
 
-    model = load_base(args.model, args.device, DTYPES[args.dtype])
-    targets = targets_for(args.model)
-    heads = [] if is_causal(args.model) else ["classifier"]
+    model = load_base(model_name, device, DTYPES[dtype])
+    targets = targets_for(model_name)
+    heads = [] if is_causal(model_name) else ["classifier"]
     targeted = sum(m.weight.numel() for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets)
-    k = lora_param_count(model, args.rank, targets)
+    k = lora_param_count(model, rank, targets)
     if setup == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -131,10 +131,10 @@ def build(setup: str, args):
         sm = sparseft.get_sparse_model(model, sparseft.SparseConfig(method="random", num_params=k, target_modules=targets))
         return sm, sparseft.create_optimizer(sm, lr=1e-3), False
     if setup == "lora":
-        cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets,
+        cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
                               modules_to_save=heads)
     elif setup == "shira":
-        cfg = peft.ShiraConfig(r=args.rank, target_modules=targets, modules_to_save=heads)
+        cfg = peft.ShiraConfig(r=rank, target_modules=targets, modules_to_save=heads)
     elif setup == "supertuning":
         cfg = peft.SupertuningConfig(sparsity=1 - k / targeted, target_modules=targets, modules_to_save=heads)
     else:
@@ -148,12 +148,20 @@ def trainable_count(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
 
 
-def make_batch(args):
+def make_batch(batch: int, seq: int, model_name: str = "default", device: str = "cpu"):
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 29000, (args.batch, args.seq), generator=gen)
-    labels = ids.clone() if is_causal(args.model) else torch.randint(0, 2, (args.batch,), generator=gen)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    return {k: v.to(args.device) for k, v in batch.items()}
+    ids = torch.randint(1000, 29000, (batch, seq), generator=gen)
+    labels = ids.clone() if is_causal(model_name) else torch.randint(0, 2, (batch,), generator=gen)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def build_from_args(setup: str, args):
+    return build(setup, args.rank, args.model, args.device, args.dtype)
+
+
+def batch_from_args(args):
+    return make_batch(args.batch, args.seq, args.model, args.device)
 
 
 def synchronize(device: str) -> None:
@@ -178,8 +186,8 @@ def make_step(model, optimizer, uses_embeds: bool, batch: dict):
 
 
 def run_timing(args) -> dict:
-    batch = make_batch(args)
-    built = {s: build(s, args) for s in args.setups}
+    batch = batch_from_args(args)
+    built = {s: build_from_args(s, args) for s in args.setups}
     for model, _, _ in built.values():
         model.train()
         for m in model.modules():  # no dropout: every setup does the same arithmetic each rep
@@ -209,10 +217,10 @@ def run_timing(args) -> dict:
 
 
 def run_memory_child(setup: str, args) -> dict:
-    model, opt, embeds = build(setup, args)
+    model, opt, embeds = build_from_args(setup, args)
     model.train()
     after_load = rss_mb()
-    step = make_step(model, opt, embeds, make_batch(args))
+    step = make_step(model, opt, embeds, batch_from_args(args))
     for _ in range(args.steps):
         step()
     return {"setup": setup, "rss_after_load_mb": after_load, "peak_rss_mb": rss_mb(), "trainable_params": trainable_count(model)}
@@ -225,11 +233,11 @@ def run_cuda_memory(args) -> dict:
         gc.collect()  # the previous setup's model may sit in reference cycles
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
-        model, opt, embeds = build(s, args)
+        model, opt, embeds = build_from_args(s, args)
         model.train()
         after_load = torch.cuda.memory_allocated() - base
         torch.cuda.reset_peak_memory_stats()
-        step = make_step(model, opt, embeds, make_batch(args))
+        step = make_step(model, opt, embeds, batch_from_args(args))
         for _ in range(args.steps):
             step()
         synchronize(args.device)
@@ -267,6 +275,23 @@ def table(result: dict) -> str:
         for s, r in result["memory"].items():
             lines.append(f"| {s} | {r['rss_after_load_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_after_load_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def add_timing_options(p: argparse.ArgumentParser) -> None:
+    """--threads, --clock and --out, shared by the benches built on this one."""
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time (time.process_time), far less disturbed by other jobs on a "
+                        "shared machine; use it with --threads 1 (with more threads it counts OpenMP spin-waiting)")
+    p.add_argument("--out")
+
+
+def apply_timing_options(args):
+    """Sets the thread count and offline mode; returns the clock the options chose."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return time.process_time if args.clock == "cpu" else time.perf_counter
 
 
 def main() -> None:
