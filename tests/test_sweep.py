@@ -132,3 +132,27 @@ def test_smollm2_missing_package_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="not installed"):
         pretrained.smollm2_dir(cache=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_perplexity_in_slices_equals_the_whole_batch(tiny_gpt2, monkeypatch):
+    import math
+
+    import torch
+
+    from sparseft import lmtasks
+
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for length in (12, 9, 12, 5, 7):
+        ids = torch.randint(0, tiny_gpt2.config.vocab_size, (length,), generator=gen).tolist()
+        items.append((ids, [-100] * 2 + ids[2:]))
+    batch = lmtasks.CausalCollator(pad_id=0)(items)
+    with torch.no_grad():
+        logits = tiny_gpt2(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    # a budget of two sequences' logits: the batch of five is scored in three slices
+    monkeypatch.setattr(lmtasks, "EVAL_LOGITS_BUDGET", 2 * 12 * tiny_gpt2.config.vocab_size)
+    result = lmtasks.evaluate_perplexity(tiny_gpt2, [batch])
+    assert result["tokens"] == sum(len(ids) - 2 for ids, _ in items)
+    assert math.isclose(result["loss"], expected.item(), rel_tol=1e-5)

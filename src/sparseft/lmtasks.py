@@ -200,6 +200,15 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).casefold().strip(string.punctuation + " ")
 
 
+# Logit elements one perplexity forward pass may produce (fp32: 4 bytes each).
+EVAL_LOGITS_BUDGET = 2 ** 25
+
+
+def _vocab_size(model) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "vocab_size", 0) or 50_000)
+
+
 @torch.no_grad()
 def evaluate_perplexity(model, loader) -> dict[str, float]:
     """exp(mean next-token negative log-likelihood) over every labelled token."""
@@ -210,12 +219,17 @@ def evaluate_perplexity(model, loader) -> dict[str, float]:
     try:
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            shift_logits = logits[:, :-1].float()
-            shift_labels = batch["labels"][:, 1:]
-            total += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
-            count += int((shift_labels != -100).sum())
+            # A few sequences at a time: a large vocabulary's logits (and their log-softmax)
+            # for a whole evaluation batch would dominate the run's peak memory.
+            rows = max(1, EVAL_LOGITS_BUDGET // max(1, batch["input_ids"].shape[1] * _vocab_size(model)))
+            for start in range(0, batch["input_ids"].shape[0], rows):
+                part = {key: value[start:start + rows] for key, value in batch.items()}
+                logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+                shift_logits = logits[:, :-1].float()
+                shift_labels = part["labels"][:, 1:]
+                total += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                         ignore_index=-100, reduction="sum").item()
+                count += int((shift_labels != -100).sum())
     finally:
         model.train(was_training)
     if count == 0:

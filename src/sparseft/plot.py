@@ -62,7 +62,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "score_mean": statistics.fmean(scores), "score_min": min(scores), "score_max": max(scores),
             "validation_mean": statistics.fmean(r.get("validation_score", math.nan) for r in runs),
             "step_time_s": statistics.median(r.get("step_time_s", math.nan) for r in runs),
-            "peak_rss_mb": statistics.median(r.get("peak_rss_mb", math.nan) for r in runs),
+            # training's peak (selection + training) where recorded, else the whole run's
+            "peak_rss_mb": statistics.median(r.get("train_peak_rss_mb") or r.get("peak_rss_mb", math.nan) for r in runs),
             "metric": runs[0].get("metric", "score"), "higher_is_better": higher,
             "majority_rate": _mean_or_none(r.get("majority_rate") for r in runs),
         })
@@ -131,7 +132,7 @@ def plot_results(results: str | Path, out: str | Path, grid: str | Path | None =
         a1.bar(range(len(entries)), [e["step_time_s"] * 1000 for e in entries], color="tab:blue")
         a1.set_ylabel("median step time (ms)")
         a2.bar(range(len(entries)), [e["peak_rss_mb"] for e in entries], color="tab:orange")
-        a2.set_ylabel("peak RSS (MB)")
+        a2.set_ylabel("peak RSS, training (MB)")
         for ax in (a1, a2):
             ax.set_xticks(range(len(entries)))
             ax.set_xticklabels(labels, fontsize=7)
@@ -149,7 +150,7 @@ def plot_results(results: str | Path, out: str | Path, grid: str | Path | None =
 
 def summary_table(summary: list[dict[str, Any]]) -> str:
     lines = ["| task | method | budget | trainable params | lr (best on validation) | seeds | test score mean [min, max] "
-             "| validation mean | majority | step ms | peak RSS MB |", "|" + "---|" * 11]
+             "| validation mean | majority | step ms | training peak RSS MB |", "|" + "---|" * 11]
     for e in summary:
         lines.append(
             f"| {e['task']} | {e['method']} | {e['budget']} | {e['trainable_params']:,.0f} | {e['lr']:g} "

@@ -208,7 +208,8 @@ def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
         "tokens_per_s": result.tokens_per_second,
         "train_seconds": result.train_seconds,
         "final_train_loss": result.losses[-1] if result.losses else None,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),  # the whole run, final evaluation included
+        "train_peak_rss_mb": result.peak_rss_mb,  # up to the end of training (what the method costs)
         # CUDA runs: the allocator's peak during training and evaluation (selection apart)
         "peak_gpu_mb": gpu_peak_mb(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

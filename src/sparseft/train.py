@@ -59,6 +59,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: int = 0
     mean_active_entries: float | None = None  # entries trained per step, averaged over steps
+    # the process's peak RSS when training ended: selection and training, not the final evaluation
+    peak_rss_mb: float | None = None
 
     @property
     def median_step_time(self) -> float:
@@ -338,6 +340,7 @@ def train(
     controller.train_end()
     result.train_seconds = time.perf_counter() - started - eval_seconds
     result.mean_active_entries = controller.mean_active_entries
+    result.peak_rss_mb = peak_rss_mb()
     model.eval()
     return result
 
