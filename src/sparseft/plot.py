@@ -62,12 +62,18 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "score_mean": statistics.fmean(scores), "score_min": min(scores), "score_max": max(scores),
             "validation_mean": statistics.fmean(r.get("validation_score", math.nan) for r in runs),
             "step_time_s": statistics.median(r.get("step_time_s", math.nan) for r in runs),
-            # training's peak (selection + training) where recorded, else the whole run's
-            "peak_rss_mb": statistics.median(r.get("train_peak_rss_mb") or r.get("peak_rss_mb", math.nan) for r in runs),
+            "peak_rss_mb": _peak_rss(runs),
             "metric": runs[0].get("metric", "score"), "higher_is_better": higher,
             "majority_rate": _mean_or_none(r.get("majority_rate") for r in runs),
         })
     return sorted(out, key=lambda e: (str(e["task"]), e["method"], e["trainable_params"]))
+
+
+def _peak_rss(runs: list[dict[str, Any]]) -> float:
+    """Median peak RSS of training (selection + training, not the final evaluation) over the
+    runs that recorded it; runs from before that field existed give the whole run's peak."""
+    training = [r["train_peak_rss_mb"] for r in runs if r.get("train_peak_rss_mb")]
+    return statistics.median(training or [r.get("peak_rss_mb", math.nan) for r in runs])
 
 
 def _mean_or_none(values) -> float | None:
