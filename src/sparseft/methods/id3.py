@@ -62,28 +62,75 @@ def d3_score(grad: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-3, ex
     return score
 
 
+# global_topk guesses its threshold from about this many scores, spread over all layers;
+# below FAST_MIN_TOTAL entries in all it simply takes per-layer top-k candidates.
+SAMPLE_SIZE = 1 << 16
+FAST_MIN_TOTAL = 1 << 18
+
+
 def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Sorted int32 positions of the ``k`` largest scores over all layers.
 
     Same result as ``select.select_topk(..., "global")`` (ties go to the earlier layer,
-    then the lower index; NaN counts as lowest) but built for a small ``k`` taken often: the
-    threshold comes from per-layer ``topk`` candidates, not a 32-round bisection.
+    then the lower index; NaN counts as lowest) but built for a small ``k`` taken often.
+    A threshold guessed from a strided sample of the scores makes every entry at or above
+    it a candidate; the exact top-k is then taken among the candidates (a guess that
+    yields fewer than k is lowered and tried again). The guess only decides the speed,
+    never the result.
     """
     names = list(scores)
-    flat = {n: torch.nan_to_num(scores[n].reshape(-1).float(), nan=float("-inf")) for n in names}
+    flat = {n: scores[n].reshape(-1) for n in names}
     if k <= 0:
         return {n: torch.zeros(0, dtype=torch.int32, device=flat[n].device) for n in names}
     total = sum(s.numel() for s in flat.values())
     if k > total:
         raise ValueError(f"cannot take {k} entries from {total} candidates")
+    if total < FAST_MIN_TOTAL:
+        return _global_topk_by_layer(flat, k)
+    # An odd stride not divisible by 3 keeps the sample from lining up with matrix rows
+    # (their lengths are mostly 2^a * 3^b): a spread-out sample gives a tighter guess.
+    stride = max(1, total // SAMPLE_SIZE)
+    stride += (stride % 2 == 0)
+    stride += 2 * (stride % 3 == 0)
+    sample = torch.cat([s[::stride].float() for s in flat.values()]).nan_to_num_(nan=float("-inf"))
+    want = k / stride  # sample entries expected at or above the k-th largest score
+    take = int(1.5 * want + 4 * math.sqrt(want) + 8)
+    while True:
+        guess = torch.topk(sample, take).values[-1].item() if take < sample.numel() else float("-inf")
+        positions = {n: torch.nonzero(s >= guess).flatten() for n, s in flat.items()}
+        found = sum(p.numel() for p in positions.values())
+        if found >= k or guess == float("-inf"):
+            break
+        take *= 4
+    if found < k:  # NaN scores must fill the top-k: leave that to the plain path
+        return _global_topk_by_layer(flat, k)
+    cand = {n: flat[n][positions[n]].float() for n in names}
+    threshold = torch.topk(torch.cat(list(cand.values())), k).values[-1].item()
+    if threshold == float("-inf"):  # -inf ties may mix with NaN: the plain path orders them
+        return _global_topk_by_layer(flat, k)
+    ties_left = k - sum(int((c > threshold).sum()) for c in cand.values())
+    chosen = {}
+    for n in names:
+        mask = cand[n] > threshold
+        if ties_left > 0:
+            ties = torch.nonzero(cand[n] == threshold).flatten()[:ties_left]
+            mask[ties] = True
+            ties_left -= ties.numel()
+        chosen[n] = positions[n][mask].to(torch.int32)
+    return chosen
+
+
+def _global_topk_by_layer(flat: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """``global_topk`` with the threshold taken from per-layer ``topk`` candidates."""
+    flat = {n: torch.nan_to_num(s.float(), nan=float("-inf")) for n, s in flat.items()}
     candidates = torch.cat([torch.topk(s, min(k, s.numel()), sorted=False).values.cpu() for s in flat.values() if s.numel()])
     threshold = torch.topk(candidates, k).values[-1].item()
     ties_left = k - sum(int((s > threshold).sum()) for s in flat.values())
     chosen = {}
-    for n in names:
-        mask = flat[n] > threshold
+    for n, s in flat.items():
+        mask = s > threshold
         if ties_left > 0:
-            ties = torch.nonzero(flat[n] == threshold).flatten()[:ties_left]
+            ties = torch.nonzero(s == threshold).flatten()[:ties_left]
             mask[ties] = True
             ties_left -= ties.numel()
         chosen[n] = torch.nonzero(mask).flatten().to(torch.int32)
@@ -97,32 +144,36 @@ def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = N
     Existing entries keep values, gradients and optimizer state; new ones start at zero
     with fresh optimizer state. With ``dense_grads`` the new entries also get their
     gradient for the coming optimizer step.
+
+    The same outcome as ``model.set_index_sets`` with the union, but a merge of two sorted
+    sets: no set-membership searches (this runs at every step of ID3).
     """
     layers = model.sparse_layers()
-    old_grads = {}
-    targets = {}
+    # transformers.Trainer hands callbacks accelerate's wrapper around the optimizer.
+    while optimizer is not None and not hasattr(optimizer, "remap_entries") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
     for name, add in new_entries.items():
         if add.numel() == 0:
             continue
         layer = layers[name]
-        old_grads[name] = layer.values.grad
-        targets[name] = torch.unique(torch.cat([layer.indices, add.to(layer.indices.device, torch.int32)]))
-    model.set_index_sets(targets, optimizer)
-    if dense_grads is None:
-        return
-    for name, idx in targets.items():
-        layer = layers[name]
-        grad = dense_grads[name].reshape(-1)[idx.long()].to(layer.values.dtype)
-        old = old_grads[name]
-        if old is not None and old.numel():
-            # Entries indexed before keep the gradient the sparse path computed for them.
-            grad[_old_positions(idx, new_entries[name])] = old.to(grad.dtype)
-        layer.values.grad = grad
-
-
-def _old_positions(idx: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
-    """Positions in the merged, sorted ``idx`` of the entries that were there before."""
-    return torch.nonzero(~torch.isin(idx, added.to(idx.device, torch.int32))).flatten()
+        old = layer.indices
+        if optimizer is not None and not hasattr(optimizer, "remap_entries") and optimizer.state.get(layer.values):
+            raise RuntimeError("changing index sets during training needs per-entry optimizer state: "
+                               "use sparseft.create_optimizer (SparseAdamW)")
+        idx = torch.unique_consecutive(torch.sort(torch.cat([old, add.to(old.device, torch.int32)])).values)
+        old_pos = torch.searchsorted(idx, old)
+        old_grad = layer.values.grad
+        values = torch.zeros(idx.numel(), dtype=layer.values.dtype, device=idx.device)
+        values[old_pos] = layer.values.detach()
+        layer.set_indices(idx, values)
+        if optimizer is not None and hasattr(optimizer, "remap_entries"):
+            optimizer.remap_entries(layer.values, torch.arange(old.numel(), device=idx.device), old_pos)
+        if dense_grads is not None:
+            grad = dense_grads[name].reshape(-1)[idx.long()].to(layer.values.dtype)
+            if old_grad is not None and old_grad.numel():
+                # Entries indexed before keep the gradient the sparse path computed for them.
+                grad[old_pos] = old_grad.to(grad.dtype)
+            layer.values.grad = grad
 
 
 class ID3(Method):
