@@ -20,8 +20,9 @@ ratios.
                  (1/16 of the steps) over a run this short;
 * ``id3``        ID3, unmasking at every step (``--unmask-every 1``), the budget reached at
                  the last step;
-* ``grow-drop``  SpIEL-style, swapping every ``--grow-drop-every`` steps (dense gradients
-                 accumulated on every step);
+* ``grow-drop``  SpIEL-style, swapping every ``--grow-drop-every`` steps, growing from the
+                 dense gradients of the last ``--score-window`` steps before each swap (the
+                 library's defaults: 8 of 20; SpIEL's code: 5 of 20);
 * ``dst``        Dynamic Subset Tuning (dense gradients and optimizer state for the targeted
                  matrices): reported separately, it is a different cost class by design.
 
@@ -62,7 +63,8 @@ def build(name: str, args, calib: list[dict]):
     elif name == "id3":
         cfg = sparseft.SparseConfig(method="id3", unmask_every=1, **common)
     elif name == "grow-drop":
-        cfg = sparseft.SparseConfig(method="grow-drop", grow_drop_every=args.grow_drop_every, **common)
+        cfg = sparseft.SparseConfig(method="grow-drop", grow_drop_every=args.grow_drop_every,
+                                    score_window=args.score_window, **common)
     elif name == "dst":
         cfg = sparseft.SparseConfig(method="dst", **common)
     else:

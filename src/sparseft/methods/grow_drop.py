@@ -77,16 +77,15 @@ class GrowDrop(Method):
         # drop: smallest |value| globally
         neg_mag = {name: -layer.values.detach().float().abs() for name, layer in layers.items()}
         dropped = global_topk(neg_mag, n)
-        keep_sets, grow_scores = {}, {}
+        keep, grow_scores = {}, {}
         for name, layer in layers.items():
-            keep = torch.ones(layer.num_entries, dtype=torch.bool, device=layer.indices.device)
-            keep[dropped[name].long()] = False
-            keep_sets[name] = layer.indices[keep]
-            score = grads[name].reshape(-1).abs() if name in grads else torch.zeros(layer.weight.numel())
+            keep[name] = torch.ones(layer.num_entries, dtype=torch.bool, device=layer.indices.device)
+            keep[name][dropped[name].long()] = False
+            # the window's sum is ours (popped): its magnitude is the score, in place
+            score = grads[name].reshape(-1).abs_() if name in grads else torch.zeros(layer.weight.numel())
             score[layer.indices.long()] = float("-inf")  # only entries not indexed before the drop
             grow_scores[name] = score
-        model.set_index_sets(keep_sets, optimizer)
-        grow(model, global_topk(grow_scores, n), optimizer)
+        grow(model, global_topk(grow_scores, n), optimizer, keep=keep)
         self.swapped.append((step, n))
 
     def on_train_end(self, model: Any, optimizer: Any = None) -> None:

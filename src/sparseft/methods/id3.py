@@ -138,41 +138,56 @@ def _global_topk_by_layer(flat: Mapping[str, torch.Tensor], k: int) -> dict[str,
 
 
 def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = None,
-         dense_grads: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Add ``new_entries`` (positions not yet indexed) to the layers' index sets in place.
+         dense_grads: Mapping[str, torch.Tensor] | None = None,
+         keep: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Add ``new_entries`` (sorted positions not yet indexed) to the layers' index sets in place.
 
     Existing entries keep values, gradients and optimizer state; new ones start at zero
     with fresh optimizer state. With ``dense_grads`` the new entries also get their
-    gradient for the coming optimizer step.
+    gradient for the coming optimizer step. ``keep`` (a bool mask over a layer's current
+    entries) drops the others first; their values are discarded.
 
-    The same outcome as ``model.set_index_sets`` with the union, but a merge of two sorted
-    sets: no set-membership searches (this runs at every step of ID3).
+    The outcome of ``model.set_index_sets`` with the new sets, but built by merging two
+    sorted sets: no set-membership searches (this runs at every step of ID3).
     """
     layers = model.sparse_layers()
     # transformers.Trainer hands callbacks accelerate's wrapper around the optimizer.
     while optimizer is not None and not hasattr(optimizer, "remap_entries") and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
-    for name, add in new_entries.items():
-        if add.numel() == 0:
+    keep = keep or {}
+    for name, layer in layers.items():
+        if name not in keep and (name not in new_entries or new_entries[name].numel() == 0):
             continue
-        layer = layers[name]
-        old = layer.indices
         if optimizer is not None and not hasattr(optimizer, "remap_entries") and optimizer.state.get(layer.values):
             raise RuntimeError("changing index sets during training needs per-entry optimizer state: "
                                "use sparseft.create_optimizer (SparseAdamW)")
-        idx = torch.unique_consecutive(torch.sort(torch.cat([old, add.to(old.device, torch.int32)])).values)
-        old_pos = torch.searchsorted(idx, old)
+        old = layer.indices
+        kept = torch.nonzero(keep[name]).flatten() if name in keep else torch.arange(old.numel(), device=old.device)
+        survivors = old[kept]
+        add = new_entries.get(name, old[:0]).to(old.device, torch.int32)
+        at = torch.searchsorted(survivors, add)  # survivors before each new entry
+        if survivors.numel():
+            fresh = survivors[at.clamp(max=survivors.numel() - 1)] != add
+            add, at = add[fresh], at[fresh]  # an entry already there stays as it is
+        n = survivors.numel() + add.numel()
+        new_pos = at + torch.arange(add.numel(), device=old.device)
+        is_new = torch.zeros(n, dtype=torch.bool, device=old.device)
+        is_new[new_pos] = True
+        kept_pos = torch.nonzero(~is_new).flatten()
+        idx = torch.empty(n, dtype=torch.int32, device=old.device)
+        idx[new_pos] = add
+        idx[kept_pos] = survivors
+        values = torch.zeros(n, dtype=layer.values.dtype, device=old.device)
+        values[kept_pos] = layer.values.detach()[kept]
         old_grad = layer.values.grad
-        values = torch.zeros(idx.numel(), dtype=layer.values.dtype, device=idx.device)
-        values[old_pos] = layer.values.detach()
         layer.set_indices(idx, values)
         if optimizer is not None and hasattr(optimizer, "remap_entries"):
-            optimizer.remap_entries(layer.values, torch.arange(old.numel(), device=idx.device), old_pos)
+            optimizer.remap_entries(layer.values, kept, kept_pos)
         if dense_grads is not None:
             grad = dense_grads[name].reshape(-1)[idx.long()].to(layer.values.dtype)
             if old_grad is not None and old_grad.numel():
                 # Entries indexed before keep the gradient the sparse path computed for them.
-                grad[old_pos] = old_grad.to(grad.dtype)
+                grad[kept_pos] = old_grad[kept].to(grad.dtype)
             layer.values.grad = grad
 
 
