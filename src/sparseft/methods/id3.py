@@ -162,8 +162,8 @@ def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = N
             raise RuntimeError("changing index sets during training needs per-entry optimizer state: "
                                "use sparseft.create_optimizer (SparseAdamW)")
         old = layer.indices
-        kept = torch.nonzero(keep[name]).flatten() if name in keep else torch.arange(old.numel(), device=old.device)
-        survivors = old[kept]
+        kept = torch.nonzero(keep[name]).flatten() if name in keep else None
+        survivors = old if kept is None else old[kept]
         add = new_entries.get(name, old[:0]).to(old.device, torch.int32)
         at = torch.searchsorted(survivors, add)  # survivors before each new entry
         if survivors.numel():
@@ -178,16 +178,21 @@ def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = N
         idx[new_pos] = add
         idx[kept_pos] = survivors
         values = torch.zeros(n, dtype=layer.values.dtype, device=old.device)
-        values[kept_pos] = layer.values.detach()[kept]
-        old_grad = layer.values.grad
+        old_values, old_grad = layer.values.detach(), layer.values.grad
+        values[kept_pos] = old_values if kept is None else old_values[kept]
         layer.set_indices(idx, values)
         if optimizer is not None and hasattr(optimizer, "remap_entries"):
-            optimizer.remap_entries(layer.values, kept, kept_pos)
+            from_pos = torch.arange(old.numel(), device=old.device) if kept is None else kept
+            optimizer.remap_entries(layer.values, from_pos, kept_pos)
         if dense_grads is not None:
-            grad = dense_grads[name].reshape(-1)[idx.long()].to(layer.values.dtype)
-            if old_grad is not None and old_grad.numel():
-                # Entries indexed before keep the gradient the sparse path computed for them.
-                grad[kept_pos] = old_grad[kept].to(grad.dtype)
+            dense = dense_grads[name].reshape(-1)
+            grad = torch.empty(n, dtype=layer.values.dtype, device=old.device)
+            grad[new_pos] = dense[add.long()].to(grad.dtype)
+            # Entries indexed before keep the gradient the sparse path computed for them.
+            if old_grad is None or not old_grad.numel():
+                grad[kept_pos] = dense[survivors.long()].to(grad.dtype)
+            else:
+                grad[kept_pos] = (old_grad if kept is None else old_grad[kept]).to(grad.dtype)
             layer.values.grad = grad
 
 
