@@ -79,6 +79,19 @@ SAMPLE_SIZE = 1 << 16
 SAMPLED_MIN_TOTAL = 1 << 18
 
 
+def sample_plan(total: int, k: int) -> tuple[int, int]:
+    """For a top-k guessed from a strided sample of ``total`` scores: the stride, and how
+    many of the sample's largest to pass (a margin over the expected k / stride, so that
+    the guess lets at least k through almost always)."""
+    # An odd stride not divisible by 3 keeps the sample from lining up with matrix rows
+    # (their lengths are mostly 2^a * 3^b): a spread-out sample gives a tighter guess.
+    stride = max(1, total // SAMPLE_SIZE)
+    stride += (stride % 2 == 0)
+    stride += 2 * (stride % 3 == 0)
+    want = k / stride
+    return stride, int(1.5 * want + 4 * want ** 0.5 + 8)
+
+
 def _kth_largest_key_sampled(keys: Mapping[str, torch.Tensor], names, k: int) -> int | None:
     """The k-th largest key, found among the keys at or above a guess taken from a strided
     sample; None when the guess lets fewer than k keys through, or more than the largest
@@ -86,13 +99,8 @@ def _kth_largest_key_sampled(keys: Mapping[str, torch.Tensor], names, k: int) ->
     total = sum(keys[n].numel() for n in names)
     if total < SAMPLED_MIN_TOTAL or k <= 0:
         return None
-    # An odd stride not divisible by 3 keeps the sample from lining up with matrix rows.
-    stride = max(1, total // SAMPLE_SIZE)
-    stride += (stride % 2 == 0)
-    stride += 2 * (stride % 3 == 0)
+    stride, take = sample_plan(total, k)
     sample = torch.cat([keys[n][::stride] for n in names])
-    want = k / stride
-    take = int(1.5 * want + 4 * want ** 0.5 + 8)
     if take >= sample.numel():
         return None
     guess = torch.topk(sample, take).values[-1]

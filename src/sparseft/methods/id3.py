@@ -30,7 +30,7 @@ import torch
 
 from ..distributed import full_tensor
 from ..scoring import GradientSum
-from ..select import resolve_budget
+from ..select import resolve_budget, sample_plan
 from .base import Method
 
 
@@ -62,9 +62,7 @@ def d3_score(grad: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-3, ex
     return score
 
 
-# global_topk guesses its threshold from about this many scores, spread over all layers;
-# below FAST_MIN_TOTAL entries in all it simply takes per-layer top-k candidates.
-SAMPLE_SIZE = 1 << 16
+# Below this many entries in all, global_topk simply takes per-layer top-k candidates.
 FAST_MIN_TOTAL = 1 << 18
 
 
@@ -87,14 +85,8 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
         raise ValueError(f"cannot take {k} entries from {total} candidates")
     if total < FAST_MIN_TOTAL:
         return _global_topk_by_layer(flat, k)
-    # An odd stride not divisible by 3 keeps the sample from lining up with matrix rows
-    # (their lengths are mostly 2^a * 3^b): a spread-out sample gives a tighter guess.
-    stride = max(1, total // SAMPLE_SIZE)
-    stride += (stride % 2 == 0)
-    stride += 2 * (stride % 3 == 0)
+    stride, take = sample_plan(total, k)
     sample = torch.cat([s[::stride].float() for s in flat.values()]).nan_to_num_(nan=float("-inf"))
-    want = k / stride  # sample entries expected at or above the k-th largest score
-    take = int(1.5 * want + 4 * math.sqrt(want) + 8)
     while True:
         guess = torch.topk(sample, take).values[-1].item() if take < sample.numel() else float("-inf")
         positions = {n: torch.nonzero(s >= guess).flatten() for n, s in flat.items()}
