@@ -97,10 +97,11 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     if found < k:  # NaN scores must fill the top-k: leave that to the plain path
         return _global_topk_by_layer(flat, k)
     cand = {n: flat[n][positions[n]].float() for n in names}
-    threshold = torch.topk(torch.cat(list(cand.values())), k).values[-1].item()
+    every = torch.cat(list(cand.values()))
+    threshold = torch.topk(every, k).values[-1].item()
     if threshold == float("-inf"):  # -inf ties may mix with NaN: the plain path orders them
         return _global_topk_by_layer(flat, k)
-    ties_left = k - sum(int((c > threshold).sum()) for c in cand.values())
+    ties_left = k - int((every > threshold).sum())
     chosen = {}
     for n in names:
         mask = cand[n] > threshold
