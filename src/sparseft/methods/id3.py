@@ -133,7 +133,7 @@ def _global_topk_by_layer(flat: Mapping[str, torch.Tensor], k: int) -> dict[str,
 def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = None,
          dense_grads: Mapping[str, torch.Tensor] | None = None,
          keep: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Add ``new_entries`` (sorted positions not yet indexed) to the layers' index sets in place.
+    """Add ``new_entries`` (positions not yet indexed) to the layers' index sets in place.
 
     Existing entries keep values, gradients and optimizer state; new ones start at zero
     with fresh optimizer state. With ``dense_grads`` the new entries also get their
@@ -157,7 +157,7 @@ def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = N
         old = layer.indices
         kept = torch.nonzero(keep[name]).flatten() if name in keep else None
         survivors = old if kept is None else old[kept]
-        add = new_entries.get(name, old[:0]).to(old.device, torch.int32)
+        add = torch.sort(new_entries.get(name, old[:0]).to(old.device, torch.int32)).values
         at = torch.searchsorted(survivors, add)  # survivors before each new entry
         if survivors.numel():
             fresh = survivors[at.clamp(max=survivors.numel() - 1)] != add
