@@ -18,10 +18,12 @@ ratios.
                  gradients. The bench's defaults (16 and 4: a quarter of the steps observe
                  dense gradients) are a pessimistic stand-in for the library's 128 and 8
                  (1/16 of the steps) over a run this short;
-* ``id3``        ID3, unmasking at every step (``--unmask-every 1``), the budget reached at
-                 the last step;
-* ``grow-drop``  SpIEL-style, swapping every ``--grow-drop-every`` steps (dense gradients
-                 accumulated on every step);
+* ``id3``        ID3, unmasking at every step (``--unmask-every 1``, the default; N > 1 unmasks
+                 every N steps, which observes the dense gradient only then), the budget
+                 reached at the last step;
+* ``grow-drop``  SpIEL-style, swapping every ``--grow-drop-every`` steps, growing from the
+                 dense gradients of the last ``--score-window`` steps before each swap (the
+                 library's defaults: 8 of 20; SpIEL's code: 5 of 20);
 * ``dst``        Dynamic Subset Tuning (dense gradients and optimizer state for the targeted
                  matrices): reported separately, it is a different cost class by design.
 
@@ -60,9 +62,10 @@ def build(name: str, args, calib: list[dict]):
         cfg = sparseft.SparseConfig(method="gradient", schedule="dynamic", update_every=args.update_every,
                                     score_window=args.score_window, calib_examples=len(calib) * args.batch, **common)
     elif name == "id3":
-        cfg = sparseft.SparseConfig(method="id3", unmask_every=1, **common)
+        cfg = sparseft.SparseConfig(method="id3", unmask_every=args.unmask_every, **common)
     elif name == "grow-drop":
-        cfg = sparseft.SparseConfig(method="grow-drop", grow_drop_every=args.grow_drop_every, **common)
+        cfg = sparseft.SparseConfig(method="grow-drop", grow_drop_every=args.grow_drop_every,
+                                    score_window=args.score_window, **common)
     elif name == "dst":
         cfg = sparseft.SparseConfig(method="dst", **common)
     else:
@@ -83,6 +86,7 @@ def main() -> None:
     p.add_argument("--update-every", type=int, default=16)
     p.add_argument("--score-window", type=int, default=4)
     p.add_argument("--grow-drop-every", type=int, default=8)
+    p.add_argument("--unmask-every", type=int, default=1, help="ID3: unmask every N steps (the dense gradient only then)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
@@ -137,6 +141,7 @@ def main() -> None:
         "meta": {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
                  "rank": args.rank, "steps": args.steps, "update_every": args.update_every,
                  "score_window": args.score_window, "grow_drop_every": args.grow_drop_every,
+                 "unmask_every": args.unmask_every,
                  "machine": platform.machine(), "clock": args.clock, "loadavg_per_step": loads, "loadavg_end": os.getloadavg(),
                  "argv": sys.argv[1:]},
     }

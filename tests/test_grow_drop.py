@@ -40,3 +40,46 @@ def test_grow_drop_swaps_every_n_steps_keeps_the_budget_and_drops_the_smallest()
     assert expected == {3: 16, 6: 7, 9: 0}  # the cosine decay; nothing left to swap by step 9
     assert {s: n for s, n in checks if n} == {s: n for s, n in expected.items() if n}
     assert method.swapped == [(s, n) for s, n in expected.items() if n]
+
+
+@pytest.mark.parametrize("window, observed", [(2, {3, 4, 7, 8}), (4, set(range(1, 9))), (9, set(range(1, 9)))])
+def test_grow_drop_accumulates_the_last_score_window_steps_before_each_swap(window, observed):
+    cfg = sparseft.SparseConfig(method="grow-drop", num_params=80, grow_drop_every=4, score_window=window)
+    model = sparseft.get_sparse_model(tiny_bert(), cfg)
+    method = model.method
+    seen, per_step, sums = set(), {}, {}
+    step_now = [0]
+    make_observer = method._dense.observer
+
+    def observer(name):
+        inner = make_observer(name)
+
+        def observe(grad):
+            seen.add(step_now[0])
+            per_step.setdefault(step_now[0], {})[name] = grad.detach().float().clone()
+            inner(grad)
+        return observe
+
+    method._dense.observer = observer
+    begin, on_step = method.on_step_begin, method.on_step
+
+    def on_step_begin(step, m):
+        step_now[0] = step
+        begin(step, m)
+
+    def spy_on_step(step, m, optimizer=None, batch=None):
+        if method._is_update(step):
+            sums[step] = {n: b.clone() for n, b in method._dense.buffers.items()}
+        on_step(step, m, optimizer, batch)
+
+    method.on_step_begin, method.on_step = on_step_begin, spy_on_step
+    total = 10  # swaps at 4 and 8; step 10 is the last, with no swap and no window
+    train(model, toy_batches(total), TrainingArguments(lr=1e-2, max_steps=total, warmup_ratio=0.0, progress=False))
+    assert seen == observed
+    w = min(window, 4)
+    for swap, buffers in sums.items():
+        window_steps = range(swap - w + 1, swap + 1)
+        for name, buf in buffers.items():
+            expected = sum(per_step[s][name] for s in window_steps)
+            torch.testing.assert_close(buf, expected, rtol=1e-6, atol=1e-9)
+    assert set(sums) == {4, 8}

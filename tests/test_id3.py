@@ -168,6 +168,71 @@ def test_global_topk_matches_select_topk_with_ties_and_nan():
             assert torch.equal(got[n], want[n]), (k, n)
 
 
+@pytest.mark.parametrize("fast_min_total", [0, None])
+def test_global_topk_sampled_threshold_is_exact(monkeypatch, fast_min_total):
+    import sparseft.methods.id3 as id3
+
+    if fast_min_total is not None:  # the small cases through the sampled path too
+        monkeypatch.setattr(id3, "FAST_MIN_TOTAL", fast_min_total)
+    gen = torch.Generator().manual_seed(3)
+    big = {"a": torch.randn(384 * 384, generator=gen).abs(), "b": torch.randn(1536 * 384, generator=gen).abs() * 2,
+           "c": torch.randint(0, 4, (384 * 384,), generator=gen).float()}  # heavy ties
+    big["a"][torch.randperm(big["a"].numel(), generator=gen)[:5000]] = float("-inf")  # already indexed
+    big["b"][:1000] = float("nan")
+    big["b"][1000:2000] = 1e9  # a clump of equal top scores in one layer
+    small = {"x": torch.tensor([float("nan"), 1.0, float("-inf"), 1.0]), "y": torch.tensor([float("-inf"), 2.0, float("nan")])}
+    lured = torch.zeros(300000)
+    lured[::5] = 1.0  # exactly the sampled entries (stride 5) are high: the first guess is too high
+    cases = ((big, (1, 999, 1000, 1001, 20000, 150000, 400000, 884736 - 500)), (small, range(0, 8)),
+             ({"z": lured}, (59999, 60000, 70000)))
+    for scores, ks in cases:
+        for k in ks:
+            got, want = id3.global_topk(scores, k), select_topk(scores, k, "global")
+            for n in scores:
+                assert torch.equal(got[n], want[n]), (k, n)
+
+
+def test_grow_with_keep_matches_set_index_sets():
+    import copy
+
+    from sparseft.methods.id3 import grow
+
+    gen = torch.Generator().manual_seed(5)
+    cfg = sparseft.SparseConfig(method="random", num_params=120)
+    a = sparseft.get_sparse_model(tiny_bert(), cfg)
+    opt_a = SparseAdamW(a.sparse_parameters(), lr=1e-2)
+    for batch in toy_batches(2):
+        a(**batch).loss.backward()
+        opt_a.step()
+        opt_a.zero_grad()
+    a(**toy_batches(1)[0]).loss.backward()  # a pending gradient: survivors keep theirs
+    b = copy.deepcopy(a)
+    opt_b = SparseAdamW(b.sparse_parameters(), lr=1e-2)
+    opt_b.load_state_dict(opt_a.state_dict())
+    keep, add, targets = {}, {}, {}
+    for i, (name, layer) in enumerate(a.sparse_layers().items()):
+        keep[name] = torch.rand(layer.num_entries, generator=gen) < (0.7 if i % 2 else 1.0)
+        free = torch.ones(layer.weight.numel(), dtype=torch.bool)
+        free[layer.indices.long()] = False
+        cand = torch.nonzero(free).flatten()
+        add[name] = torch.sort(cand[torch.randperm(cand.numel(), generator=gen)[:5 * (i % 3)]]).values.to(torch.int32)
+        targets[name] = torch.sort(torch.cat([layer.indices[keep[name]], add[name]])).values
+    grads = {n: torch.randn(l.weight.shape, generator=gen) for n, l in a.sparse_layers().items()}
+    old_grads = {n: (l.indices.clone(), l.values.grad.clone()) for n, l in a.sparse_layers().items()}
+    grow(a, add, opt_a, grads, keep=keep)
+    b.set_index_sets(targets, opt_b)
+    for name, la in a.sparse_layers().items():
+        lb = b.sparse_layers()[name]
+        assert torch.equal(la.indices, lb.indices) and torch.equal(la.values, lb.values), name
+        for key, val in opt_b.state[lb.values].items():
+            assert torch.equal(opt_a.state[la.values][key], val), (name, key)
+        was, g = old_grads[name]
+        is_old = torch.isin(la.indices, was)
+        expected = grads[name].reshape(-1)[la.indices.long()]
+        expected[is_old] = g[torch.isin(was, la.indices)]
+        assert torch.equal(la.values.grad, expected), name
+
+
 def test_id3_needs_the_planned_number_of_steps():
     model = id3_model()
     with pytest.raises(RuntimeError, match="on_train_begin"):

@@ -22,6 +22,8 @@ CONFIGS = {
     "gradient-dynamic": dict(method="gradient", schedule="dynamic", update_every=4, score_window=3, drop_policy="merge"),
     "id3": dict(method="id3"),
     "grow-drop": dict(method="grow-drop", grow_drop_every=4),
+    # windows are steps 2-4 and 6-8 (no swap at the last step, 12): step 6 holds a partial sum
+    "grow-drop-window": dict(method="grow-drop", grow_drop_every=4, score_window=3),
     "dst": dict(method="dst"),
 }
 
@@ -64,7 +66,8 @@ def kill_at_forward(model, n):
 
 
 @pytest.mark.parametrize("kind, grad_accum", [("random-static", 1), ("random-static", 2), ("gradient-dynamic", 1),
-                                              ("gradient-dynamic", 2), ("id3", 1), ("grow-drop", 1), ("dst", 1)])
+                                              ("gradient-dynamic", 2), ("id3", 1), ("grow-drop", 1), ("grow-drop-window", 1),
+                                              ("dst", 1)])
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, grad_accum):
     # 12 steps over 5 batches per epoch: the kill and the resume cross epoch boundaries.
     reference = model_with_dropout(kind)

@@ -124,6 +124,31 @@ def test_global_topk_special_values():
         check_topk(scores, k)
 
 
+@pytest.mark.parametrize("min_total", [0, None])
+def test_global_topk_sampled_threshold_matches_radix(monkeypatch, min_total):
+    import sparseft.select as select
+
+    gen = torch.Generator().manual_seed(4)
+    scores = {"a": torch.randn(384 * 384, generator=gen), "b": torch.randn(1536 * 384, generator=gen).abs(),
+              "c": torch.randint(-2, 3, (384 * 384,), generator=gen).float()}
+    scores["a"][::7] = float("nan")
+    scores["b"][5000:9000] = float("inf")
+    if min_total is not None:
+        monkeypatch.setattr(select, "SAMPLED_MIN_TOTAL", min_total)
+    for k in (1, 3999, 4000, 4001, 30000, 200000, 700000):
+        monkeypatch.setattr(select, "_kth_largest_key_sampled", lambda *a: None)
+        want = select.select_topk(scores, k, "global")
+        monkeypatch.undo()
+        if min_total is not None:
+            monkeypatch.setattr(select, "SAMPLED_MIN_TOTAL", min_total)
+        got = select.select_topk(scores, k, "global")
+        for n in scores:
+            assert torch.equal(got[n], want[n]), (k, n)
+    small = {"x": torch.tensor([1.0, float("nan"), 1.0, 2.0]), "y": torch.tensor([2.0, -1.0])}
+    for k in range(0, 7):
+        check_topk(small, k)
+
+
 def test_topk_budget_too_large_and_bad_selection():
     scores = {"a": torch.rand(4)}
     with pytest.raises(ConfigError, match="exceeds"):

@@ -1,8 +1,9 @@
 """Budgets and top-k rules: how many entries, and which, given per-layer scores.
 
 Scores arrive as one flat float tensor per targeted weight. No tensor larger than the
-largest weight is ever built: the global threshold is found by radix selection over the
-scores' order-preserving integer keys, counting layer by layer.
+largest weight is ever built: the global threshold is the k-th largest of the scores'
+order-preserving integer keys, taken among the keys at or above a guess from a sample
+when few enough pass it, else found by radix selection, counting layer by layer.
 """
 from __future__ import annotations
 
@@ -72,6 +73,49 @@ def _order_keys(scores: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return bits
 
 
+# _kth_largest_key_sampled guesses from about this many keys, spread over all layers, and
+# is tried from this many keys in all.
+SAMPLE_SIZE = 1 << 16
+SAMPLED_MIN_TOTAL = 1 << 18
+
+
+def sample_plan(total: int, k: int) -> tuple[int, int]:
+    """For a top-k guessed from a strided sample of ``total`` scores: the stride, and how
+    many of the sample's largest to pass (a margin over the expected k / stride, so that
+    the guess lets at least k through almost always)."""
+    # An odd stride not divisible by 3 keeps the sample from lining up with matrix rows
+    # (their lengths are mostly 2^a * 3^b): a spread-out sample gives a tighter guess.
+    stride = max(1, total // SAMPLE_SIZE)
+    stride += (stride % 2 == 0)
+    stride += 2 * (stride % 3 == 0)
+    want = k / stride
+    return stride, int(1.5 * want + 4 * want ** 0.5 + 8)
+
+
+def _kth_largest_key_sampled(keys: Mapping[str, torch.Tensor], names, k: int) -> int | None:
+    """The k-th largest key, found among the keys at or above a guess taken from a strided
+    sample; None when the guess lets fewer than k keys through, or more than the largest
+    layer holds (then the radix selection answers, within its memory bound)."""
+    total = sum(keys[n].numel() for n in names)
+    if total < SAMPLED_MIN_TOTAL or k <= 0:
+        return None
+    stride, take = sample_plan(total, k)
+    sample = torch.cat([keys[n][::stride] for n in names])
+    if take >= sample.numel():
+        return None
+    guess = torch.topk(sample, take).values[-1]
+    limit = max(keys[n].numel() for n in names)
+    above, found = [], 0
+    for n in names:
+        above.append(keys[n][keys[n] >= guess])
+        found += above[-1].numel()
+        if found > limit:
+            return None
+    if found < k:
+        return None
+    return int(torch.topk(torch.cat(above), k).values[-1])
+
+
 def _kth_largest_key(key_fn, names, k: int) -> int:
     """The k-th largest key over all layers (radix selection, one byte per pass).
 
@@ -122,7 +166,9 @@ def select_topk(scores: Mapping[str, torch.Tensor], budget: int, selection: str 
 def _topk_of_keys(keys: dict[str, torch.Tensor], names: list[str], budget: int) -> dict[str, torch.Tensor]:
     """Sorted int32 positions of the top-``budget`` keys (ties: layer order, then position);
     ``keys`` is emptied as it goes."""
-    threshold = _kth_largest_key(keys.__getitem__, names, budget)
+    threshold = _kth_largest_key_sampled(keys, names, budget)
+    if threshold is None:
+        threshold = _kth_largest_key(keys.__getitem__, names, budget)
     ties_left = budget - sum(int((keys[n] > threshold).sum()) for n in names)
     chosen = {}
     for n in names:

@@ -7,14 +7,18 @@ steps (at steps U, 2U, ... before the last step), after the optimizer step:
   earlier layer, then the lower index) leave the index set; their values are discarded
   (the delta returns to pretrained there);
 - grow: the n_t entries with the largest |sum of g over the window| (the dense weight
-  gradient accumulated over the U steps since the last update) among entries that were
-  not indexed before the drop join, at zero with fresh optimizer state;
+  gradient accumulated over the last W = min(``score_window``, U) steps up to and
+  including the update step, default 8 of 20) among entries that were not indexed before
+  the drop join, at zero with fresh optimizer state;
 - n_t = round(f_t · B), f_t = f_0 · (1 + cos(pi · t / T)) / 2 (cosine decay from
   f_0 = ``grow_drop_fraction``, default 0.2, to 0 at the last step T).
 
-Surviving entries keep values and optimizer state, so the total stays B. The dense
-gradients are observed on every step (they are the accumulated statistic), which costs one
-dense matmul per targeted layer per step and one dense float32 accumulator per layer.
+Surviving entries keep values and optimizer state, so the total stays B. Only the W window
+steps observe the dense gradient (one dense matmul per targeted layer instead of the
+sparse gradient, and one dense float32 accumulator per layer while the window lasts); the
+other steps cost what a static mask costs. SpIEL-AG accumulates the same way, over a few
+steps before each regrowth (its public code: 5 of every 20 steps); ``score_window=U``
+accumulates over whole intervals.
 """
 from __future__ import annotations
 
@@ -48,8 +52,15 @@ class GrowDrop(Method):
         every = self.config.grow_drop_every
         return step % every == 0 and (self.total_steps is None or step < self.total_steps)
 
+    def in_window(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) feeds the next swap's gradient sum."""
+        every = self.config.grow_drop_every
+        swap = -(-step // every) * every  # the next update step, ``step`` itself included
+        return swap - step < min(self.config.score_window, every) and self._is_update(swap)
+
     def on_step_begin(self, step: int, model: Any) -> None:
-        self._dense.arm(model.sparse_layers())  # the window's gradient is accumulated every step
+        if self.in_window(step):
+            self._dense.arm(model.sparse_layers())
 
     def on_before_update(self, step: int, model: Any, optimizer: Any = None) -> None:
         self._dense.disarm(model.sparse_layers())
@@ -66,16 +77,15 @@ class GrowDrop(Method):
         # drop: smallest |value| globally
         neg_mag = {name: -layer.values.detach().float().abs() for name, layer in layers.items()}
         dropped = global_topk(neg_mag, n)
-        keep_sets, grow_scores = {}, {}
+        keep, grow_scores = {}, {}
         for name, layer in layers.items():
-            keep = torch.ones(layer.num_entries, dtype=torch.bool, device=layer.indices.device)
-            keep[dropped[name].long()] = False
-            keep_sets[name] = layer.indices[keep]
-            score = grads[name].reshape(-1).abs() if name in grads else torch.zeros(layer.weight.numel())
+            keep[name] = torch.ones(layer.num_entries, dtype=torch.bool, device=layer.indices.device)
+            keep[name][dropped[name].long()] = False
+            # the window's sum is ours (popped): its magnitude is the score, in place
+            score = grads[name].reshape(-1).abs_() if name in grads else torch.zeros(layer.weight.numel())
             score[layer.indices.long()] = float("-inf")  # only entries not indexed before the drop
             grow_scores[name] = score
-        model.set_index_sets(keep_sets, optimizer)
-        grow(model, global_topk(grow_scores, n), optimizer)
+        grow(model, global_topk(grow_scores, n), optimizer, keep=keep)
         self.swapped.append((step, n))
 
     def on_train_end(self, model: Any, optimizer: Any = None) -> None:

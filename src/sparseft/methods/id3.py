@@ -30,7 +30,7 @@ import torch
 
 from ..distributed import full_tensor
 from ..scoring import GradientSum
-from ..select import resolve_budget
+from ..select import resolve_budget, sample_plan
 from .base import Method
 
 
@@ -62,28 +62,68 @@ def d3_score(grad: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-3, ex
     return score
 
 
+# Below this many entries in all, global_topk simply takes per-layer top-k candidates.
+FAST_MIN_TOTAL = 1 << 18
+
+
 def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Sorted int32 positions of the ``k`` largest scores over all layers.
 
     Same result as ``select.select_topk(..., "global")`` (ties go to the earlier layer,
-    then the lower index; NaN counts as lowest) but built for a small ``k`` taken often: the
-    threshold comes from per-layer ``topk`` candidates, not a 32-round bisection.
+    then the lower index; NaN counts as lowest) but built for a small ``k`` taken often.
+    A threshold guessed from a strided sample of the scores makes every entry at or above
+    it a candidate; the exact top-k is then taken among the candidates (a guess that
+    yields fewer than k is lowered and tried again). The guess only decides the speed,
+    never the result.
     """
     names = list(scores)
-    flat = {n: torch.nan_to_num(scores[n].reshape(-1).float(), nan=float("-inf")) for n in names}
+    flat = {n: scores[n].reshape(-1) for n in names}
     if k <= 0:
         return {n: torch.zeros(0, dtype=torch.int32, device=flat[n].device) for n in names}
     total = sum(s.numel() for s in flat.values())
     if k > total:
         raise ValueError(f"cannot take {k} entries from {total} candidates")
+    if total < FAST_MIN_TOTAL:
+        return _global_topk_by_layer(flat, k)
+    stride, take = sample_plan(total, k)
+    sample = torch.cat([s[::stride].float() for s in flat.values()]).nan_to_num_(nan=float("-inf"))
+    while True:
+        guess = torch.topk(sample, take).values[-1].item() if take < sample.numel() else float("-inf")
+        positions = {n: torch.nonzero(s >= guess).flatten() for n, s in flat.items()}
+        found = sum(p.numel() for p in positions.values())
+        if found >= k or guess == float("-inf"):
+            break
+        take *= 4
+    if found < k:  # NaN scores must fill the top-k: leave that to the plain path
+        return _global_topk_by_layer(flat, k)
+    cand = {n: flat[n][positions[n]].float() for n in names}
+    every = torch.cat(list(cand.values()))
+    threshold = torch.topk(every, k).values[-1].item()
+    if threshold == float("-inf"):  # -inf ties may mix with NaN: the plain path orders them
+        return _global_topk_by_layer(flat, k)
+    ties_left = k - int((every > threshold).sum())
+    chosen = {}
+    for n in names:
+        mask = cand[n] > threshold
+        if ties_left > 0:
+            ties = torch.nonzero(cand[n] == threshold).flatten()[:ties_left]
+            mask[ties] = True
+            ties_left -= ties.numel()
+        chosen[n] = positions[n][mask].to(torch.int32)
+    return chosen
+
+
+def _global_topk_by_layer(flat: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """``global_topk`` with the threshold taken from per-layer ``topk`` candidates."""
+    flat = {n: torch.nan_to_num(s.float(), nan=float("-inf")) for n, s in flat.items()}
     candidates = torch.cat([torch.topk(s, min(k, s.numel()), sorted=False).values.cpu() for s in flat.values() if s.numel()])
     threshold = torch.topk(candidates, k).values[-1].item()
     ties_left = k - sum(int((s > threshold).sum()) for s in flat.values())
     chosen = {}
-    for n in names:
-        mask = flat[n] > threshold
+    for n, s in flat.items():
+        mask = s > threshold
         if ties_left > 0:
-            ties = torch.nonzero(flat[n] == threshold).flatten()[:ties_left]
+            ties = torch.nonzero(s == threshold).flatten()[:ties_left]
             mask[ties] = True
             ties_left -= ties.numel()
         chosen[n] = torch.nonzero(mask).flatten().to(torch.int32)
@@ -91,38 +131,62 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
 
 
 def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = None,
-         dense_grads: Mapping[str, torch.Tensor] | None = None) -> None:
+         dense_grads: Mapping[str, torch.Tensor] | None = None,
+         keep: Mapping[str, torch.Tensor] | None = None) -> None:
     """Add ``new_entries`` (positions not yet indexed) to the layers' index sets in place.
 
     Existing entries keep values, gradients and optimizer state; new ones start at zero
     with fresh optimizer state. With ``dense_grads`` the new entries also get their
-    gradient for the coming optimizer step.
+    gradient for the coming optimizer step. ``keep`` (a bool mask over a layer's current
+    entries) drops the others first; their values are discarded.
+
+    The outcome of ``model.set_index_sets`` with the new sets, but built by merging two
+    sorted sets: no set-membership searches (this runs at every step of ID3).
     """
     layers = model.sparse_layers()
-    old_grads = {}
-    targets = {}
-    for name, add in new_entries.items():
-        if add.numel() == 0:
+    # transformers.Trainer hands callbacks accelerate's wrapper around the optimizer.
+    while optimizer is not None and not hasattr(optimizer, "remap_entries") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    keep = keep or {}
+    for name, layer in layers.items():
+        if name not in keep and (name not in new_entries or new_entries[name].numel() == 0):
             continue
-        layer = layers[name]
-        old_grads[name] = layer.values.grad
-        targets[name] = torch.unique(torch.cat([layer.indices, add.to(layer.indices.device, torch.int32)]))
-    model.set_index_sets(targets, optimizer)
-    if dense_grads is None:
-        return
-    for name, idx in targets.items():
-        layer = layers[name]
-        grad = dense_grads[name].reshape(-1)[idx.long()].to(layer.values.dtype)
-        old = old_grads[name]
-        if old is not None and old.numel():
+        if optimizer is not None and not hasattr(optimizer, "remap_entries") and optimizer.state.get(layer.values):
+            raise RuntimeError("changing index sets during training needs per-entry optimizer state: "
+                               "use sparseft.create_optimizer (SparseAdamW)")
+        old = layer.indices
+        kept = torch.nonzero(keep[name]).flatten() if name in keep else None
+        survivors = old if kept is None else old[kept]
+        add = torch.sort(new_entries.get(name, old[:0]).to(old.device, torch.int32)).values
+        at = torch.searchsorted(survivors, add)  # survivors before each new entry
+        if survivors.numel():
+            fresh = survivors[at.clamp(max=survivors.numel() - 1)] != add
+            add, at = add[fresh], at[fresh]  # an entry already there stays as it is
+        n = survivors.numel() + add.numel()
+        new_pos = at + torch.arange(add.numel(), device=old.device)
+        is_new = torch.zeros(n, dtype=torch.bool, device=old.device)
+        is_new[new_pos] = True
+        kept_pos = torch.nonzero(~is_new).flatten()
+        idx = torch.empty(n, dtype=torch.int32, device=old.device)
+        idx[new_pos] = add
+        idx[kept_pos] = survivors
+        values = torch.zeros(n, dtype=layer.values.dtype, device=old.device)
+        old_values, old_grad = layer.values.detach(), layer.values.grad
+        values[kept_pos] = old_values if kept is None else old_values[kept]
+        layer.set_indices(idx, values)
+        if optimizer is not None and hasattr(optimizer, "remap_entries"):
+            from_pos = torch.arange(old.numel(), device=old.device) if kept is None else kept
+            optimizer.remap_entries(layer.values, from_pos, kept_pos)
+        if dense_grads is not None:
+            dense = dense_grads[name].reshape(-1)
+            grad = torch.empty(n, dtype=layer.values.dtype, device=old.device)
+            grad[new_pos] = dense[add.long()].to(grad.dtype)
             # Entries indexed before keep the gradient the sparse path computed for them.
-            grad[_old_positions(idx, new_entries[name])] = old.to(grad.dtype)
-        layer.values.grad = grad
-
-
-def _old_positions(idx: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
-    """Positions in the merged, sorted ``idx`` of the entries that were there before."""
-    return torch.nonzero(~torch.isin(idx, added.to(idx.device, torch.int32))).flatten()
+            if old_grad is None or not old_grad.numel():
+                grad[kept_pos] = dense[survivors.long()].to(grad.dtype)
+            else:
+                grad[kept_pos] = (old_grad if kept is None else old_grad[kept]).to(grad.dtype)
+            layer.values.grad = grad
 
 
 class ID3(Method):
