@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static: choose once before training; dynamic: rescore every --update-every steps")
     m.add_argument("--update-every", type=int, default=128, help="dynamic: optimizer steps between rescorings")
     m.add_argument("--score-window", type=int, default=8,
-                   help="dynamic: rescore from the dense gradients of this many steps before each update")
+                   help="dynamic and grow-drop: score from the dense gradients of this many steps before each "
+                        "update (the other steps run the sparse path only)")
     m.add_argument("--drop-policy", default="merge", choices=list(DROP_POLICIES),
                    help="dynamic: fold dropped entries into the base weight (merge, recorded in the adapter) or discard them")
     m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
