@@ -65,6 +65,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_rss_mb": _peak_rss(runs),
             "metric": runs[0].get("metric", "score"), "higher_is_better": higher,
             "majority_rate": _mean_or_none(r.get("majority_rate") for r in runs),
+            "macro_f1_mean": _mean_or_none((r.get("test") or {}).get("macro_f1") for r in runs),
         })
     return sorted(out, key=lambda e: (str(e["task"]), e["method"], e["trainable_params"]))
 
@@ -155,13 +156,16 @@ def plot_results(results: str | Path, out: str | Path, grid: str | Path | None =
 
 
 def summary_table(summary: list[dict[str, Any]]) -> str:
+    f1 = any(e.get("macro_f1_mean") is not None for e in summary)  # classification tasks report it
     lines = ["| task | method | budget | trainable params | lr (best on validation) | seeds | test score mean [min, max] "
-             "| validation mean | majority | step ms | training peak RSS MB |", "|" + "---|" * 11]
+             + ("| test macro-F1 mean " if f1 else "")
+             + "| validation mean | majority | step ms | training peak RSS MB |", "|" + "---|" * (12 if f1 else 11)]
     for e in summary:
+        f1_cell = "" if not f1 else f"| {'-' if e.get('macro_f1_mean') is None else format(e['macro_f1_mean'], '.4f')} "
         lines.append(
             f"| {e['task']} | {e['method']} | {e['budget']} | {e['trainable_params']:,.0f} | {e['lr']:g} "
             f"(of {', '.join(f'{x:g}' for x in e['lrs_tried'])}) | {e['seeds']} | {e['score_mean']:.4f} "
-            f"[{e['score_min']:.4f}, {e['score_max']:.4f}] | {e['validation_mean']:.4f} | "
+            f"[{e['score_min']:.4f}, {e['score_max']:.4f}] {f1_cell}| {e['validation_mean']:.4f} | "
             f"{'-' if e['majority_rate'] is None else format(e['majority_rate'], '.4f')} | {e['step_time_s'] * 1000:.0f} "
             f"| {e['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
