@@ -27,6 +27,16 @@ HEAD_PREFIX = "modules_to_save."
 FOLDED_PARTS = ("folded_indices", "folded_values")
 
 
+
+def _sorted_membership(haystack: torch.Tensor, needles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(is each needle in ``haystack``, its position there where it is) for sorted, unique
+    index sets: a binary search each, where ``torch.isin`` would sort both again."""
+    pos = torch.searchsorted(haystack, needles)
+    if haystack.numel() == 0:
+        return torch.zeros_like(needles, dtype=torch.bool), pos
+    found = haystack[pos.clamp_max(haystack.numel() - 1)] == needles
+    return found, pos
+
 class AdapterError(ValueError):
     """An adapter folder is missing, corrupt, or does not fit the base model."""
 
@@ -127,12 +137,12 @@ class SparseModel(nn.Module):
             layer = layers[name]
             new_idx = validate_indices(new_idx, layer.weight.numel()).to(layer.indices.device)
             old_idx = layer.indices
-            kept = torch.isin(new_idx, old_idx)
+            kept, old_pos = _sorted_membership(old_idx, new_idx)
             new_pos = torch.nonzero(kept).flatten()
-            old_pos = torch.searchsorted(old_idx, new_idx[kept])
+            old_pos = old_pos[kept]
             values = torch.zeros(new_idx.numel(), dtype=layer.values.dtype, device=new_idx.device)
             values[new_pos] = layer.values.detach()[old_pos]
-            dropped = ~torch.isin(old_idx, new_idx)
+            dropped = ~_sorted_membership(new_idx, old_idx)[0]
             dropped_counts[name] = int(dropped.sum())
             if (optimizer is not None and not hasattr(optimizer, "remap_entries")
                     and optimizer.state.get(layer.values) and not torch.equal(new_idx, old_idx)):
