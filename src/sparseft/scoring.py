@@ -387,26 +387,12 @@ class _DecomposedSiLU(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _zeros_in_one_block(shapes: Mapping[str, torch.Size], device: torch.device) -> dict[str, torch.Tensor]:
-    """Float32 zeros of these shapes, as views of one allocation. Buffers that live across
-    passes are made this way: one large block goes to its own mapping, where small ones
-    made between a pass's temporaries would pin the heap's holes (resident memory that
-    glibc cannot give back)."""
-    block = torch.zeros(sum(s.numel() for s in shapes.values()), dtype=torch.float32, device=device)
-    views, start = {}, 0
-    for name, shape in shapes.items():
-        views[name] = block[start:start + shape.numel()].view(shape)
-        start += shape.numel()
-    return views
-
-
 class _Accumulator:
-    """Per-layer float32 sums of H g contributions, each scaled by the current weight
-    (``buffers`` may be given zeroed beforehand)."""
+    """Per-layer float32 sums of H g contributions, each scaled by the current weight."""
 
-    def __init__(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self) -> None:
         self.scale = 1.0
-        self.buffers: dict[str, torch.Tensor] = buffers if buffers is not None else {}
+        self.buffers: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, grad: torch.Tensor | None) -> None:
         if grad is None:
@@ -692,7 +678,7 @@ def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaL
                 except _Unsupported:
                     if k:
                         raise  # it fails on the first piece if at all
-                    acc.buffers = {n: b.zero_() for n, b in acc.buffers.items()}
+                    acc.buffers.clear()
                     blocks = None
             with fwAD.dual_level():
                 overrides, targets = duals(model)
@@ -779,8 +765,7 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
     method = "forward-over-reverse" if hg_method == "auto" else hg_method
     for group in groups:
         while True:
-            acc = _Accumulator(_zeros_in_one_block({n: layers[n].weight.shape for n in group},
-                                                   layers[group[0]].weight.device))
+            acc = _Accumulator()
             run = _hg_forward_over_reverse if method == "forward-over-reverse" else _hg_double_backward
             try:
                 with scoring_mode(model), sdpa_kernel([SDPBackend.MATH]):
@@ -794,7 +779,10 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
                 method = "double-backward"  # and redo this group from scratch
         all_reduce_mean_(acc.buffers)  # under torch.distributed: every rank selects alike
         for n in group:
-            yield n, acc.buffers.pop(n).mul_(_weight(layers[n])).reshape(-1)
+            h = acc.buffers.pop(n, None)
+            if h is None:
+                h = torch.zeros(layers[n].weight.shape, dtype=torch.float32, device=layers[n].weight.device)
+            yield n, h.mul_(_weight(layers[n])).reshape(-1)
         del acc
 
 
