@@ -796,7 +796,7 @@ def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
 
 def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
                  model: nn.Module | None = None, data: Any = None, micro_batch: int | None = None,
-                 group_fraction: float = 0.25) -> dict[str, torch.Tensor]:
+                 group_fraction: float = 0.125) -> dict[str, torch.Tensor]:
     """The top-``budget`` grasp index sets, the same as ``select_topk(grasp_scores(...))``.
 
     Layers are scored in groups of at most ``group_fraction`` of the targeted entries,
