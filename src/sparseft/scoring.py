@@ -590,7 +590,8 @@ def _second_order_pass(model: nn.Module, blocks: list[nn.Module], batch: Batch, 
                 grad = (value.detach(), torch.autograd.grad(value, leaf, tangent, materialize_grads=True)[0])
         else:
             grad = _backward_through(loss, None, leaf, targets)
-        del loss, weights, targets, leaf, tangent, top
+        del loss, weights, targets, leaf, tangent
+        top.clear()
     for i in range(last, max(lowest, 0) - 1, -1):
         args, kwargs = calls.pop()
         if grad is None:
