@@ -325,6 +325,32 @@ def test_grasp_forward_over_reverse_equals_double_backward(arch):
     assert any(float(fwd[n].abs().max()) > 0 for n in fwd)
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_grasp_block_by_block_equals_the_whole_model_pass(arch, monkeypatch):
+    """The second-order pass that rebuilds one block at a time (bert: with the pooler
+    outside the blocks, so the part before the first block runs again) gives the scores
+    of one forward-with-tangents and one backward of the whole model."""
+    from sparseft import scoring
+
+    if arch == "llama":
+        model, batches = _tiny_llama()
+    else:
+        model, _ = wrapped(arch)
+        batches = calib_batches(arch)
+    layers = model.sparse_layers()
+    use_cache = [getattr(m.config, "use_cache", None) for m in model.modules() if hasattr(m, "config")]
+    passes = []
+    block_pass = scoring._second_order_pass
+    monkeypatch.setattr(scoring, "_second_order_pass", lambda *a: passes.append(a) or block_pass(*a))
+    by_block = scoring.grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
+    assert len(passes) == 5  # 2 + 3 examples, one group
+    assert use_cache == [getattr(m.config, "use_cache", None) for m in model.modules() if hasattr(m, "config")]
+    monkeypatch.setattr(scoring, "_blocks", lambda *a: None)
+    whole = scoring.grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
+    assert len(passes) == 5
+    assert_scores_close(by_block, [whole[n] for n in model.target_names], model.target_names, rtol=1e-4, atol_frac=1e-5)
+
+
 def test_grasp_falls_back_to_double_backward(monkeypatch):
     from sparseft import scoring
 

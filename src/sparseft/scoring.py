@@ -413,44 +413,279 @@ def _pieces(model: nn.Module, batches: list[Batch], micro_batch: int | None) -> 
             yield piece, batch_size(b) / total * weight
 
 
+def _blocks(model: nn.Module, layers: Mapping[str, SparseDeltaLayer]) -> list[nn.Module] | None:
+    """The model's repeated blocks: the children of the ``nn.ModuleList`` that holds the
+    most targeted layers (a transformer's decoder/encoder layers); None when there is none."""
+    wanted = {id(layer) for layer in layers.values()}
+    best, best_count = None, 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            count = sum(id(m) in wanted for m in module.modules())
+            if count > best_count:
+                best, best_count = list(module), count
+    return best
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """``config.use_cache = False`` for every config in the model: a block run twice (once
+    more to rebuild its graph) must not append to a key/value cache twice."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = {k: c.use_cache for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c.use_cache = False
+        yield
+    finally:
+        for k, c in configs.items():
+            c.use_cache = saved[k]
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _with_hidden(out: Any, hidden: torch.Tensor) -> Any:
+    return hidden if isinstance(out, torch.Tensor) else type(out)((hidden, *out[1:]))
+
+
+def _split(x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(value, tangent) of a dual tensor, as plain tensors that outlive its dual level."""
+    import torch.autograd.forward_ad as fwAD
+
+    if x is None:
+        return None
+    primal, tangent = fwAD.unpack_dual(x)
+    return primal.detach(), None if tangent is None else tangent.detach()
+
+
+def _join(pair: tuple[torch.Tensor, torch.Tensor | None], leaf: bool = False) -> torch.Tensor:
+    """The dual tensor of a (value, tangent) pair in the current dual level; with ``leaf``,
+    a fresh leaf that requires grad."""
+    import torch.autograd.forward_ad as fwAD
+
+    primal, tangent = pair
+    x = primal.detach() if tangent is None else fwAD.make_dual(primal.detach(), tangent)
+    return x.requires_grad_(True) if leaf else x
+
+
+def _has_tangent(x: Any) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    if isinstance(x, torch.Tensor):
+        return fwAD.unpack_dual(x).tangent is not None
+    if isinstance(x, (tuple, list)):
+        return any(_has_tangent(v) for v in x)
+    if isinstance(x, Mapping):
+        return any(_has_tangent(v) for v in x.values())
+    return False
+
+
+def _backward_through(out: torch.Tensor, grad: torch.Tensor | None, leaf: torch.Tensor,
+                      targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Backward from ``out`` (seeded with ``grad``) into ``targets`` and ``leaf``; returns
+    the leaf's gradient as (value, tangent), taken as autograd hands it over (its .grad
+    would drop the tangent)."""
+    got: list[torch.Tensor] = []
+    handle = leaf.register_hook(got.append)
+    try:
+        torch.autograd.backward(out, grad, inputs=targets + [leaf])
+    finally:
+        handle.remove()
+    return _split(got[0]) if got else None
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> Any:
+    """The hidden states a block was called with (first positional argument, or
+    ``hidden_states=``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden_arg(args: tuple, kwargs: dict, hidden: Any) -> tuple[tuple, dict]:
+    return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
+
+
+class _Unsupported(Exception):
+    """The model's blocks do not fit the block-by-block second-order pass."""
+
+
+class _Stop(Exception):
+    """Raised by the first block to end a forward pass there."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+@contextlib.contextmanager
+def _patched_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
+    old = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if old is None:
+            del module.forward
+        else:
+            module.forward = old
+
+
+def _second_order_pass(model: nn.Module, blocks: list[nn.Module], batch: Batch, duals: Callable,
+                       lowest: int, plain_head: bool) -> None:
+    """Forward with tangents, then backward into the group's weights, one block at a time.
+
+    ``duals(module)``, called inside a dual level, gives the module's targeted weights as
+    dual tensors and the group's among them (``_hg_forward_over_reverse``). The forward
+    pass runs every block without autograd (tangents still flow) and keeps only each
+    block's arguments (the hidden states as value and tangent); the loss's backward
+    reaches the last block's output; then each block, from the last down to ``lowest``,
+    runs again with autograd from its kept input and is back-propagated. ``lowest`` = -1:
+    the group also has layers outside the blocks, and the part before the first block
+    (run again up to there) is back-propagated last. Each step has a dual level of its
+    own: while autograd records, a level keeps the tangents made in it (they and the
+    graph refer to each other) until it exits. So one block's activations and tangents
+    (or the head's) are alive at a time instead of the whole model's.
+
+    ``plain_head`` (no targeted layer after the last block): the head (final norm, output
+    layer, loss) runs without tangents, and the tangent of the loss gradient at its input
+    h, d/dt grad_h L(h + t h'), comes by double backward, as grad_h (grad_h L . h'): for a
+    language model's vocabulary-sized logits this holds fewer of them than the dual pass.
+    """
+    import torch.autograd.forward_ad as fwAD
+
+    calls: list[tuple[tuple, dict]] = []
+    top: list[torch.Tensor] = []
+    last = len(blocks) - 1
+    blocks_forward = [block.forward for block in blocks]
+
+    def run(i: int) -> Callable:
+        def forward(*args, **kwargs):
+            hidden = _hidden_arg(args, kwargs)
+            if _has_tangent(_with_hidden_arg(args, kwargs, None)):
+                raise _Unsupported("a block argument other than the hidden states carries a tangent")
+            calls.append(_with_hidden_arg(args, kwargs, _split(hidden)))
+            with torch.no_grad():
+                out = blocks_forward[i](*args, **kwargs)
+            if i < last:
+                return out
+            value, tangent = _split(_hidden(out))
+            top.extend([_join((value, None if plain_head else tangent), leaf=True), tangent])
+            return _with_hidden(out, top[0])  # where the head's backward stops
+        return forward
+
+    with fwAD.dual_level():
+        weights, targets = duals(model)
+        with contextlib.ExitStack() as stack:
+            for i, block in enumerate(blocks):
+                stack.enter_context(_patched_forward(block, run(i)))
+            loss = _loss_of(torch.func.functional_call(model, weights, (), batch))
+        if len(calls) != len(blocks):
+            raise _Unsupported(f"the model ran its {len(blocks)} blocks {len(calls)} times")
+        leaf, tangent = top
+        if plain_head:
+            (value,) = torch.autograd.grad(loss, leaf, create_graph=tangent is not None)
+            if tangent is None or value.grad_fn is None:
+                grad = (value.detach(), None)
+            else:
+                grad = (value.detach(), torch.autograd.grad(value, leaf, tangent, materialize_grads=True)[0])
+        else:
+            grad = _backward_through(loss, None, leaf, targets)
+        del loss, weights, targets, leaf, tangent
+        top.clear()
+    for i in range(last, max(lowest, 0) - 1, -1):
+        args, kwargs = calls.pop()
+        if grad is None:
+            return  # nothing below depends on the loss through here
+        with fwAD.dual_level():
+            weights, targets = duals(blocks[i])
+            leaf = _join(_hidden_arg(args, kwargs), leaf=True)
+            args, kwargs = _with_hidden_arg(args, kwargs, leaf)
+            out = _hidden(torch.func.functional_call(blocks[i], weights, args, kwargs))
+            grad = _backward_through(out, _join(grad), leaf, targets)
+            del out, leaf, weights, targets
+    if lowest < 0 and grad is not None:
+        def stop(*args, **kwargs):
+            raise _Stop(_hidden_arg(args, kwargs))
+
+        with fwAD.dual_level():
+            weights, targets = duals(model)
+            try:
+                with _patched_forward(blocks[0], stop):
+                    torch.func.functional_call(model, weights, (), batch)
+            except _Stop as end:
+                if end.hidden.grad_fn is not None:
+                    torch.autograd.backward(end.hidden, _join(grad), inputs=targets)
+            else:
+                raise _Unsupported("the first block did not run")
+
+
+def _lowest_block(blocks: list[nn.Module] | None, layers: Mapping[str, SparseDeltaLayer], group: list[str]) -> int:
+    """The first block holding a layer of the group; -1 if one lies outside every block."""
+    if blocks is None:
+        return -1
+    where = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    return min(where.get(id(layers[n]), -1) for n in group)
+
+
 def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
                              group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator) -> None:
     """H g for the group's layers: every targeted weight becomes a dual tensor (primal W,
     tangent g; both shared, not copied), swapped in by ``functional_call``; the forward
     pass carries tangents, and the tangent of the ordinary backward's weight gradient is
-    d/dt grad L(W + t g) = H g. No second backward graph is built, but a dual level keeps
-    every tangent made in it until it exits (each micro-batch gets a level of its own), so
-    the peak is about the double backward's (SmolLM2-135M, 64 tokens: within 2 %); it
-    was somewhat faster there (one backward instead of two)."""
+    d/dt grad L(W + t g) = H g. Where the model has repeated blocks (``_blocks``) the
+    backward goes block by block, each block's graph rebuilt from its input
+    (``_second_order_pass``); otherwise (or when the blocks do not fit) one forward and
+    one backward of the whole model per micro-batch, in a dual level of its own."""
     import torch.autograd.forward_ad as fwAD
 
-    names = list(layers)
     device = _model_device(model)
+    blocks = _blocks(model, layers)
+    lowest = _lowest_block(blocks, layers, group)
+    plain_head = _lowest_block(blocks, layers, list(layers)) >= 0
+    module_names = {id(m): name for name, m in model.named_modules()}
     param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
-    with dense_weights(model, layers) as weights, _DecomposedSiLU():
+    in_group = set(group)
+    with dense_weights(model, layers) as weights, _DecomposedSiLU(), _no_kv_cache(model):
         for w in weights:
             w.requires_grad_(False)
-        for piece, acc.scale in _pieces(model, batches, micro_batch):
-            # A fresh dual level per micro-batch: a level holds on to the tangents made in
-            # it until it exits.
-            with fwAD.dual_level():
-                duals = {n: fwAD.make_dual(w.detach(), g[n].to(w.dtype)) for n, w in zip(names, weights)}
-                overrides = {param_names[id(w)]: duals[n] for n, w in zip(names, weights)}
-                targets, handles = [], []
+        by_param = {param_names[id(w)]: (n, w) for n, w in zip(layers, weights)}
+
+        def duals(module: nn.Module) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+            """The targeted weights inside ``module`` as dual tensors, keyed by parameter
+            name relative to it, and the group's among them: those require grad and hand
+            the tangent of their gradient, H g, to ``acc``."""
+            prefix = module_names[id(module)]
+            prefix = prefix + "." if prefix else ""
+            overrides, targets = {}, []
+            for pname, (n, w) in by_param.items():
+                if not pname.startswith(prefix):
+                    continue
+                d = fwAD.make_dual(w.detach(), g[n].to(w.dtype))
+                if n in in_group:
+                    d.requires_grad_(True)
+                    # A tensor hook sees the dual gradient (accumulating into .grad drops the tangent).
+                    d.register_hook(lambda grad, n=n: acc.add(n, fwAD.unpack_dual(grad).tangent))
+                    d.register_post_accumulate_grad_hook(_drop_grad)
+                    targets.append(d)
+                overrides[pname[len(prefix):]] = d
+            return overrides, targets
+
+        for k, (piece, acc.scale) in enumerate(_pieces(model, batches, micro_batch)):
+            piece = _to_device(piece, device)
+            if blocks is not None:
                 try:
-                    for n in group:
-                        duals[n].requires_grad_(True)
-                        targets.append(duals[n])
-                        # A tensor hook sees the dual gradient (accumulating into .grad drops the tangent).
-                        handles.append(duals[n].register_hook(lambda grad, n=n: acc.add(n, fwAD.unpack_dual(grad).tangent)))
-                        handles.append(duals[n].register_post_accumulate_grad_hook(_drop_grad))
-                    loss = _loss_of(torch.func.functional_call(model, overrides, (), _to_device(piece, device)))
-                    torch.autograd.backward(loss, inputs=targets)
-                    del loss
-                finally:
-                    for h in handles:
-                        h.remove()
-                del duals, overrides, targets
+                    _second_order_pass(model, blocks, piece, duals, lowest, plain_head)
+                    continue
+                except _Unsupported:
+                    if k:
+                        raise  # it fails on the first piece if at all
+                    acc.buffers.clear()
+                    blocks = None
+            with fwAD.dual_level():
+                overrides, targets = duals(model)
+                loss = _loss_of(torch.func.functional_call(model, overrides, (), piece))
+                torch.autograd.backward(loss, inputs=targets)
+                del loss, overrides, targets
 
 
 def _hg_double_backward(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
@@ -562,7 +797,7 @@ def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
 
 def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
                  model: nn.Module | None = None, data: Any = None, micro_batch: int | None = None,
-                 group_fraction: float = 0.25) -> dict[str, torch.Tensor]:
+                 group_fraction: float = 0.125) -> dict[str, torch.Tensor]:
     """The top-``budget`` grasp index sets, the same as ``select_topk(grasp_scores(...))``.
 
     Layers are scored in groups of at most ``group_fraction`` of the targeted entries,
