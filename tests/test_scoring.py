@@ -308,16 +308,19 @@ def _tiny_llama():
     return model, batches
 
 
+def _grasp_model_and_data(arch):
+    if arch == "llama":
+        return _tiny_llama()
+    model, _ = wrapped(arch)
+    return model, calib_batches(arch)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_grasp_forward_over_reverse_equals_double_backward(arch):
     """The two exact ways to H g agree (llama: SiLU runs decomposed for forward-mode AD)."""
     from sparseft.scoring import grasp_scores
 
-    if arch == "llama":
-        model, batches = _tiny_llama()
-    else:
-        model, _ = wrapped(arch)
-        batches = calib_batches(arch)
+    model, batches = _grasp_model_and_data(arch)
     layers = model.sparse_layers()
     fwd = grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
     dbl = grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="double-backward")
@@ -332,11 +335,7 @@ def test_grasp_block_by_block_equals_the_whole_model_pass(arch, monkeypatch):
     of one forward-with-tangents and one backward of the whole model."""
     from sparseft import scoring
 
-    if arch == "llama":
-        model, batches = _tiny_llama()
-    else:
-        model, _ = wrapped(arch)
-        batches = calib_batches(arch)
+    model, batches = _grasp_model_and_data(arch)
     layers = model.sparse_layers()
     use_cache = [getattr(m.config, "use_cache", None) for m in model.modules() if hasattr(m, "config")]
     passes = []
