@@ -1,0 +1,83 @@
+"""Where the sparse step's time above the floor goes: the same sparse model stepped with
+parts of its backward/forward replaced by no-ops, interleaved with the floor setup.
+
+Variants (timing only: the no-op variants compute wrong gradients on purpose):
+
+* ``current``   the real sparse step;
+* ``no_sddmm``  the values' gradient replaced by zeros (no SDDMM, no operand transposes);
+* ``no_w+s``    the kernels run on W instead of W + S (no scratch copy / in-place add);
+* ``neither``   both.
+
+Reproduce (quiet machine, 2 threads)::
+
+    python bench/bench_step_ablation.py --model default --batch 32 --seq 64 --rank 8 --reps 6
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_step  # noqa: E402
+
+import sparseft.delta as delta  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--reps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+
+    real_sddmm, real_weight = delta.sddmm, delta.with_effective_weight
+
+    def zero_sddmm(row_factor, col_factor, layout, backend):
+        return row_factor.new_zeros(layout.numel)
+
+    def plain_weight(weight, values, layout, mode, fn):
+        return fn(weight.detach())
+
+    variants = {"current": (real_sddmm, real_weight), "no_sddmm": (zero_sddmm, real_weight),
+                "no_w+s": (real_sddmm, plain_weight), "neither": (zero_sddmm, plain_weight)}
+    sparse = bench_step.build("sparse", args.rank, args.model)
+    floor = bench_step.build("floor", args.rank, args.model)
+    for model, _, _ in (sparse, floor):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    batch = bench_step.make_batch(args.batch, args.seq, args.model)
+    sparse_step, floor_step = bench_step.make_step(*sparse, batch), bench_step.make_step(*floor, batch)
+    times: dict[str, list[float]] = {k: [] for k in [*variants, "floor"]}
+    try:
+        for rep in range(args.warmup + args.reps):
+            for name, (sddmm, weight) in variants.items():
+                delta.sddmm, delta.with_effective_weight = sddmm, weight
+                t0 = time.perf_counter()
+                sparse_step()
+                if rep >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+            delta.sddmm, delta.with_effective_weight = real_sddmm, real_weight
+            t0 = time.perf_counter()
+            floor_step()
+            if rep >= args.warmup:
+                times["floor"].append(time.perf_counter() - t0)
+    finally:
+        delta.sddmm, delta.with_effective_weight = real_sddmm, real_weight
+    median = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print("| variant | step ms | / floor |\n|---|---|---|")
+    for name, ms in median.items():
+        print(f"| {name} | {ms:.0f} | {ms / median['floor']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
