@@ -71,10 +71,7 @@ def build(name: str, args, calib: list[dict]):
     else:
         raise ValueError(name)
     sm = sparseft.get_sparse_model(model, cfg, calibration_data=calib if name == "dynamic" else None)
-    sm.train()
-    for m in sm.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    bench_step.train_without_dropout(sm)
     return sm, sparseft.create_optimizer(sm, lr=1e-3)
 
 

@@ -169,6 +169,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def train_without_dropout(model) -> None:
+    """Training mode with every dropout off: each timed step then does the same arithmetic."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
 def make_step(model, optimizer, uses_embeds: bool, batch: dict):
     if uses_embeds:
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
@@ -189,10 +197,7 @@ def run_timing(args) -> dict:
     batch = batch_from_args(args)
     built = {s: build_from_args(s, args) for s in args.setups}
     for model, _, _ in built.values():
-        model.train()
-        for m in model.modules():  # no dropout: every setup does the same arithmetic each rep
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        train_without_dropout(model)
     steps = {s: make_step(*built[s], batch) for s in args.setups}
     times = {s: [] for s in args.setups}
     for rep in range(args.warmup + args.reps):

@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402
 
@@ -51,10 +49,7 @@ def main() -> None:
     sparse = bench_step.build("sparse", args.rank, args.model)
     floor = bench_step.build("floor", args.rank, args.model)
     for model, _, _ in (sparse, floor):
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        bench_step.train_without_dropout(model)
     batch = bench_step.make_batch(args.batch, args.seq, args.model)
     sparse_step, floor_step = bench_step.make_step(*sparse, batch), bench_step.make_step(*floor, batch)
     times: dict[str, list[float]] = {k: [] for k in [*variants, "floor"]}

@@ -63,10 +63,7 @@ def main() -> None:
     built = {b: bench_step.build(b, args.rank) for b in baselines}
     built["sparse"] = bench_step.build("sparse", args.rank)
     for model, _, _ in built.values():
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        bench_step.train_without_dropout(model)
     steps = {b: bench_step.make_step(*built[b], batch) for b in built}
     sparse_model = built["sparse"][0]
     names = baselines + [f"sparse:{v}" for v in variants]
