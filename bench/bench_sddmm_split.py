@@ -1,0 +1,65 @@
+"""The CPU SDDMM (values' gradient) of one layer split into its operand transposes and the
+whole call, next to the dense weight-gradient matmul, at MiniLM's shapes.
+
+Reproduce (quiet machine, 2 threads)::
+
+    python bench/bench_sddmm_split.py --out bench/results/quiet/sddmm_split.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import sparseft.delta as delta
+
+
+def per_call_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--density", type=float, default=0.031)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for out_f, in_f in [(384, 384), (1536, 384), (384, 1536)]:
+        n = out_f * in_f
+        idx = torch.randperm(n)[:int(args.density * n)].sort().values.to(torch.int32)
+        layout = delta.IndexLayout(idx, (out_f, in_f))
+        g, x = torch.randn(args.tokens, out_f), torch.randn(args.tokens, in_f)
+        chunks = max(1, round(args.tokens / delta.SDDMM_TOKEN_CHUNK))
+
+        def transposes():  # what sddmm's sampled_addmm path transposes, block by block
+            for c in range(chunks):
+                s, e = args.tokens * c // chunks, args.tokens * (c + 1) // chunks
+                delta._transposed_into_scratch(g[s:e], "row")
+                delta._transposed_into_scratch(x[s:e], "col")
+
+        row = {"weight": [out_f, in_f], "entries": layout.numel,
+               "transposes_ms": per_call_ms(transposes, args.reps),
+               "sddmm_ms": per_call_ms(lambda: delta.sddmm(g, x, layout, "sampled_addmm"), args.reps),
+               "dense_grad_ms": per_call_ms(lambda: g.t().matmul(x), args.reps)}
+        rows.append(row)
+        print(f"{out_f}x{in_f}: transposes {row['transposes_ms']:.1f} ms, sddmm {row['sddmm_ms']:.1f} ms, "
+              f"dense weight gradient {row['dense_grad_ms']:.1f} ms")
+    if args.out:
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": args.tokens,
+                "density": args.density}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
