@@ -5,9 +5,12 @@ static random mask at LoRA r=8's parameter count, SparseAdamW), with the sparse 
 ``weight_mode`` / ``backend`` switched between steps of the *same* model, interleaved
 round-robin with the frozen floor and peft LoRA r=8, so every ratio comes from one stretch
 of machine time. Variants are written ``mode`` or ``mode/backend``, e.g.
-``clone,scratch,inplace,auto/gather``; a ``+fresh`` suffix makes the SDDMM transpose into
-fresh tensors instead of the reused scratch buffers (``delta.TRANSPOSE_SCRATCH = False``), a
-``+chunkN`` suffix runs it over blocks of about N tokens (``delta.SDDMM_TOKEN_CHUNK = N``).
+``clone,scratch,inplace,auto/gather``, with the library's defaults otherwise. A ``+fresh``
+suffix makes the SDDMM transpose into fresh tensors instead of the reused scratch buffers
+(``delta.TRANSPOSE_SCRATCH = False``, which also turns the batched token blocks off); a
+``+blockN`` suffix runs one batched sampled_addmm over token blocks of about N tokens
+(``delta.SDDMM_TOKEN_BLOCK = N``); a ``+chunkN`` suffix the earlier loop of 2-D calls over
+chunks of about N tokens (``delta.SDDMM_TOKEN_CHUNK = N``, ``SDDMM_TOKEN_BLOCK = 0``).
 
 Reproduce::
 
@@ -29,15 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (the same model, batch and setups)
 
 
+DEFAULTS = {}
+
+
 def set_variant(model, variant: str) -> None:
     from sparseft.delta import SparseDeltaLayer
 
     from sparseft import delta
 
+    if not DEFAULTS:
+        DEFAULTS.update(block=delta.SDDMM_TOKEN_BLOCK, chunk=delta.SDDMM_TOKEN_CHUNK)
     variant, fresh, _ = variant.partition("+fresh")
     delta.TRANSPOSE_SCRATCH = not fresh
+    variant, _, block = variant.partition("+block")
     variant, _, chunk = variant.partition("+chunk")
-    delta.SDDMM_TOKEN_CHUNK = int(chunk) if chunk else 0
+    delta.SDDMM_TOKEN_BLOCK = int(block) if block else (0 if chunk else DEFAULTS["block"])
+    delta.SDDMM_TOKEN_CHUNK = int(chunk) if chunk else DEFAULTS["chunk"]
     mode, _, backend = variant.partition("/")
     for m in model.modules():
         if isinstance(m, SparseDeltaLayer):
@@ -49,6 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="clone,scratch,inplace,auto")
     p.add_argument("--baselines", default="floor,lora", help="bench_step setups timed alongside")
+    p.add_argument("--model", default="default", help="as in bench_step.py: default (MiniLM) | smollm2 | ...")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
@@ -57,11 +68,11 @@ def main() -> None:
     bench_step.add_timing_options(p)
     args = p.parse_args()
     clock = bench_step.apply_timing_options(args)
-    batch = bench_step.make_batch(args.batch, args.seq)
+    batch = bench_step.make_batch(args.batch, args.seq, args.model)
     baselines = [b for b in args.baselines.split(",") if b]
     variants = [v for v in args.variants.split(",") if v]
-    built = {b: bench_step.build(b, args.rank) for b in baselines}
-    built["sparse"] = bench_step.build("sparse", args.rank)
+    built = {b: bench_step.build(b, args.rank, args.model) for b in baselines}
+    built["sparse"] = bench_step.build("sparse", args.rank, args.model)
     for model, _, _ in built.values():
         bench_step.train_without_dropout(model)
     steps = {b: bench_step.make_step(*built[b], batch) for b in built}
@@ -94,7 +105,7 @@ def main() -> None:
         "median_ms": median,
         "all_ms": {n: [t * 1000 for t in v] for n, v in times.items()},
         "ratios": per_rep,
-        "meta": {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
+        "meta": {"torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model, "batch": args.batch, "seq": args.seq,
                  "rank": args.rank, "machine": platform.machine(), "clock": args.clock, "loadavg_per_rep": loads,
                  "loadavg_end": os.getloadavg(), "argv": sys.argv[1:]},
     }

@@ -25,16 +25,17 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--by-shape", action="store_true", help="one row per op and input shapes")
     args = p.parse_args()
     model, optimizer, uses_embeds = bench_step.build(args.setup, args.rank, args.model)
     bench_step.train_without_dropout(model)
     step = bench_step.make_step(model, optimizer, uses_embeds, bench_step.make_batch(args.batch, args.seq, args.model))
     for _ in range(2):  # warm-up: allocator, first-call paths
         step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for _ in range(args.steps):
             step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(prof.key_averages(group_by_input_shape=args.by_shape).table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

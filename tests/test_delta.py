@@ -128,6 +128,18 @@ def test_sddmm_auto_uses_both_paths(monkeypatch):
         torch.testing.assert_close(sddmm(a, b, layout, "auto"), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_backend_cost_model():
+    """Gather for few entries per (rows + cols) and small products; sampled_addmm when the
+    entries outnumber the transposed features or the products would leave the cache
+    (cases from bench/results/quiet/sddmm_backends.json)."""
+    assert delta_mod.gather_is_cheaper(2048, 147, 384, 384)
+    assert delta_mod.gather_is_cheaper(512, 400, 576, 576)
+    assert not delta_mod.gather_is_cheaper(512, 2543, 192, 576)
+    assert not delta_mod.gather_is_cheaper(2048, 1475, 384, 384)
+    assert not delta_mod.gather_is_cheaper(64, 5000, 384, 384)
+    assert not delta_mod.gather_is_cheaper(1 << 20, 4, 10_000, 10_000)  # over GATHER_AUTO_LIMIT
+
+
 def test_sddmm_unknown_backend():
     layout = IndexLayout(torch.tensor([0, 1], dtype=torch.int32), torch.Size((2, 2)))
     with pytest.raises(ValueError, match="unknown SDDMM backend"):
@@ -345,7 +357,8 @@ def test_sddmm_reuses_transpose_buffers_across_shapes():
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 3, 1000])
-def test_sddmm_token_blocks_match_dense_product(chunk, monkeypatch):
+def test_sddmm_token_chunks_match_dense_product(chunk, monkeypatch):
+    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_BLOCK", 0)  # the chunked loop of 2-D calls
     monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_CHUNK", chunk)
     gen = torch.Generator().manual_seed(15)
     a = torch.randn(17, 9, generator=gen)
@@ -353,6 +366,24 @@ def test_sddmm_token_blocks_match_dense_product(chunk, monkeypatch):
     idx = random_indices(54, 20, gen)
     got = sddmm(a, b, IndexLayout(idx, torch.Size((9, 6))), "sampled_addmm")
     torch.testing.assert_close(got, (a.t() @ b).reshape(-1)[idx.long()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 5, 16, 1000])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sddmm_batched_token_blocks_match_dense_product(block, threads, monkeypatch):
+    """One batched sampled_addmm over token blocks (17 tokens: blocks of 4 leave a tail of 1,
+    blocks of 5 one of 2) gives the dense product's entries; with one thread the chunked
+    loop runs instead, with the same result."""
+    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_BLOCK", block)
+    monkeypatch.setattr(delta_mod, "SDDMM_BLOCKS_MIN_THREADS", 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(16)
+    a = torch.randn(17, 9, generator=gen, dtype=torch.float64)
+    b = torch.randn(17, 6, generator=gen, dtype=torch.float64)
+    for n_entries in (1, 20, 54):
+        idx = random_indices(54, n_entries, gen)
+        got = sddmm(a, b, IndexLayout(idx, torch.Size((9, 6))), "sampled_addmm")
+        torch.testing.assert_close(got, (a.t() @ b).reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

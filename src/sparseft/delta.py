@@ -16,9 +16,27 @@ import torch.nn.functional as F
 
 # Largest (tokens x entries) product the gather backend materialises at once.
 GATHER_CHUNK_ELEMENTS = 1 << 24
-# Below this many (tokens x entries) multiply-adds the gather backend beats sampled_addmm,
-# which pays for transposing both operands into token-contiguous layouts first.
+# The CPU SDDMM backend choice ("auto"): a cost model fitted on bench/bench_sddmm_backends.py
+# (bench/results/quiet/sddmm_backends.json), in nanoseconds at 1-2 threads:
+#   gather         ~1.7 per (token x entry), plus little else;
+#   sampled_addmm  ~1.3 per (token x (rows + cols)) for transposing both operands into
+#                  token-contiguous layouts, ~0.2 per (token x entry), ~80 us fixed.
+# Gather's (tokens x entries) products leave the cache above GATHER_AUTO_LIMIT: never there.
 GATHER_AUTO_LIMIT = 1 << 21
+GATHER_NS_PER_PRODUCT = 1.7
+SAMPLED_NS_PER_PRODUCT = 0.2
+SAMPLED_NS_PER_TRANSPOSED = 1.3
+SAMPLED_FIXED_NS = 80_000
+
+
+def gather_is_cheaper(tokens: int, entries: int, rows: int, cols: int) -> bool:
+    """Whether ``auto`` takes the gather backend over sampled_addmm on CPU (see the cost model above)."""
+    products = tokens * entries
+    if products > GATHER_AUTO_LIMIT:
+        return False
+    gather = GATHER_NS_PER_PRODUCT * products
+    sampled = SAMPLED_NS_PER_TRANSPOSED * tokens * (rows + cols) + SAMPLED_NS_PER_PRODUCT * products + SAMPLED_FIXED_NS
+    return gather < sampled
 # On CUDA in fp32, above this many (tokens x weight entries) the dense weight-gradient
 # matmul costs more than sampled_addmm (measured between SmolLM2 and a 1.2 B Llama).
 DENSE_FP32_LIMIT = 1 << 33
@@ -94,18 +112,61 @@ TRANSPOSE_SCRATCH = True
 # MiniLM step 0.92x, bench/results/variants_minilm_chunk_cpu1.json). Each block is one more
 # parallel region: on a machine whose other core is busy that can cost more than it saves.
 SDDMM_TOKEN_CHUNK = 293
+# On CPU with more than one thread, sampled_addmm runs once over a batch of token blocks of
+# about this many tokens (0: the chunked loop above instead). Each operand is reordered into
+# (blocks x features x block tokens) by one strided copy, which torch runs on every thread,
+# where the 2-D transposes above take torch's single-threaded transpose path; one batched
+# call then replaces a call per chunk. MiniLM's and SmolLM2's layers, 2 threads: 0.66-0.95x
+# the chunked loop's time; with 1 thread the chunked loop is as fast or faster (up to 1.4x),
+# so it stays there (bench/bench_sddmm_blocks.py, bench/results/quiet/sddmm_blocks*.json).
+SDDMM_TOKEN_BLOCK = 256
+SDDMM_BLOCKS_MIN_THREADS = 2
 _TRANSPOSE_SCRATCH = threading.local()
+
+
+def _scratch_flat(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A reused per-thread buffer of at least ``numel`` elements (grown as needed); valid
+    until the next call for the same slot."""
+    bufs = _TRANSPOSE_SCRATCH.__dict__.setdefault("bufs", {})
+    key = (slot, like.dtype, like.device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
+def _token_blocked(a: torch.Tensor, n_blocks: int, slot: str) -> torch.Tensor:
+    """The first ``n_blocks * block`` rows of ``a`` (tokens x features) as (n_blocks x features
+    x block), each block's tokens contiguous, in a reused per-thread buffer."""
+    block = a.shape[0] // n_blocks
+    out = _scratch_flat(slot, n_blocks * a.shape[1] * block, a).view(n_blocks, a.shape[1], block)
+    out.copy_(a[:n_blocks * block].view(n_blocks, block, a.shape[1]).transpose(1, 2))
+    return out
+
+
+def _sampled_addmm_token_blocks(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayout,
+                                n_blocks: int) -> torch.Tensor:
+    """The SDDMM as one batched sampled_addmm over ``n_blocks`` token blocks, summed over the
+    blocks; the last ``tokens % n_blocks`` tokens (fewer than ``n_blocks``) are added apart."""
+    tokens = row_factor.shape[0]
+    used = tokens // n_blocks * n_blocks
+    pattern = torch.sparse_csr_tensor(
+        layout.crow.expand(n_blocks, -1), layout.col.expand(n_blocks, -1),
+        row_factor.new_zeros(n_blocks, layout.numel), size=(n_blocks, *layout.weight_shape),
+        check_invariants=False,
+    )
+    mat1 = _token_blocked(row_factor, n_blocks, "row")
+    mat2 = _token_blocked(col_factor, n_blocks, "col").transpose(1, 2)
+    out = torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values().sum(0)
+    if used < tokens:
+        out += sddmm(row_factor[used:], col_factor[used:], layout, "auto")
+    return out
 
 
 def _transposed_into_scratch(a: torch.Tensor, slot: str) -> torch.Tensor:
     """``a.t().contiguous()`` written into a reused per-thread buffer (one per slot, grown
     as needed). The result is only valid until the next call for the same slot."""
-    bufs = _TRANSPOSE_SCRATCH.__dict__.setdefault("bufs", {})
-    key = (slot, a.dtype, a.device)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < a.numel():
-        buf = bufs[key] = torch.empty(a.numel(), dtype=a.dtype, device=a.device)
-    out = buf[:a.numel()].view(a.shape[1], a.shape[0])
+    out = _scratch_flat(slot, a.numel(), a).view(a.shape[1], a.shape[0])
     out.copy_(a.t())
     return out
 
@@ -135,7 +196,8 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             large_fp32 = row_factor.dtype == torch.float32 and tokens * layout.weight_shape[0] * layout.weight_shape[1] > DENSE_FP32_LIMIT
             backend = "sampled_addmm" if large_fp32 else "dense"
         else:
-            backend = "gather" if tokens * layout.numel <= GATHER_AUTO_LIMIT else "sampled_addmm"
+            rows, cols = layout.weight_shape
+            backend = "gather" if gather_is_cheaper(tokens, layout.numel, rows, cols) else "sampled_addmm"
     out_dtype = row_factor.dtype
     if backend == "dense":
         # Transient: one weight-sized buffer, freed as soon as the entries are read.
@@ -144,6 +206,12 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         if row_factor.dtype not in (torch.float32, torch.float64):
             # sampled_addmm has no bf16 kernel (CPU or CUDA) in the torch versions we support: upcast.
             row_factor, col_factor = row_factor.float(), col_factor.float()
+        on_cpu = row_factor.device.type == "cpu"
+        if SDDMM_TOKEN_BLOCK and TRANSPOSE_SCRATCH and on_cpu and torch.get_num_threads() >= SDDMM_BLOCKS_MIN_THREADS:
+            n_blocks = max(1, round(tokens / SDDMM_TOKEN_BLOCK))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "CSR support is in beta"
+                return _sampled_addmm_token_blocks(row_factor, col_factor, layout, n_blocks).to(out_dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CSR support is in beta": said once per process, not useful here
             pattern = torch.sparse_csr_tensor(
@@ -153,7 +221,7 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         # Both operands token-contiguous: each sampled entry is one contiguous dot product.
         # The transposes go into reused per-thread buffers (no fresh allocation per layer),
         # a block of tokens at a time when SDDMM_TOKEN_CHUNK is set (see there).
-        blocked = SDDMM_TOKEN_CHUNK and TRANSPOSE_SCRATCH and row_factor.device.type == "cpu"  # measured on CPU only
+        blocked = SDDMM_TOKEN_CHUNK and TRANSPOSE_SCRATCH and on_cpu  # measured on CPU only
         n_chunks = max(1, round(tokens / SDDMM_TOKEN_CHUNK)) if blocked else 1
         result = pattern
         for c in range(n_chunks):
@@ -298,11 +366,14 @@ class SparseDeltaFunction(torch.autograd.Function):
         x, weight, values, indices = ctx.saved_tensors
         needs_x, _, needs_bias, needs_values = ctx.needs_input_grad[:4]
         grad_x = grad_bias = grad_values = None
+        # One 2-D (contiguous) copy of the output gradient serves both matmuls below: a
+        # non-contiguous one (e.g. from the attention heads' permute) would otherwise be copied twice.
+        g2 = _as_2d(grad_out)
         if needs_x:
             # Recomputing W + S costs O(k) (or one copy): cheaper than keeping a dense copy alive.
             grad_x = with_effective_weight(weight, values, ctx.layout, ctx.weight_mode,
-                                           lambda w: _grad_input_kernel(grad_out, w, ctx.transposed))
-        g2 = _as_2d(grad_out)
+                                           lambda w: _grad_input_kernel(g2, w, ctx.transposed))
+            grad_x = grad_x.view(*x.shape[:-1], grad_x.shape[-1])
         x2 = _as_2d(x)
         # Weight rows are outputs for Linear (W: out x in) and inputs for Conv1D (W: in x out).
         row_factor, col_factor = (x2, g2) if ctx.transposed else (g2, x2)
@@ -390,10 +461,11 @@ def _delta_linear_backward(ctx, grad_out):
     x, weight, values, indices, crow, col, rows, flat_long = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x = grad_bias = grad_values = None
+    g2 = _as_2d(grad_out)  # one copy for both matmuls (see SparseDeltaFunction.backward)
     if needs[0]:
-        grad_x = _delta_grad_input_op(grad_out, weight, values, indices, crow, col, rows, flat_long,
+        grad_x = _delta_grad_input_op(g2, weight, values, indices, crow, col, rows, flat_long,
                                       ctx.transposed, ctx.weight_mode)
-    g2 = _as_2d(grad_out)
+        grad_x = grad_x.view(*x.shape[:-1], grad_x.shape[-1])
     x2 = _as_2d(x)
     row_factor, col_factor = (x2, g2) if ctx.transposed else (g2, x2)
     if needs[3]:
