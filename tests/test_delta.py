@@ -386,6 +386,67 @@ def test_sddmm_batched_token_blocks_match_dense_product(block, threads, monkeypa
         torch.testing.assert_close(got, (a.t() @ b).reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
 
 
+def _force_token_blocks(monkeypatch, block=4):
+    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_BLOCK", block)
+    monkeypatch.setattr(delta_mod, "SDDMM_BLOCKS_MIN_THREADS", 1)
+    delta_mod.release_scratch()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, monkeypatch):
+    """q/k/v-style layers fed one input: its token-block reordering is done once per backward
+    and reused, and each layer's values' gradient still equals the dense reference's."""
+    _force_token_blocks(monkeypatch)
+    copies = []
+    real = delta_mod._scratch_flat
+    monkeypatch.setattr(delta_mod, "_scratch_flat", lambda slot, n, like: copies.append(slot) or real(slot, n, like))
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    layers, refs = [], []
+    for out_f in (5, 5, 7):
+        base = make_base(kind, out_f, 6, True, gen, torch.float64)
+        idx = random_indices(out_f * 6, 10, gen)
+        layer = SparseDeltaLayer(base, idx, backend="sampled_addmm")
+        with torch.no_grad():
+            layer.values.copy_(torch.randn(10, generator=gen, dtype=torch.float64))
+        layers.append(layer)
+        refs.append((base.weight.detach().clone(), base.bias.detach().clone(), idx, layer.values.detach().clone()))
+    h = x * 1.5  # an intermediate, as in a model
+    sum(layer(h).square().sum() for layer in layers).backward()
+    owner_slot = "row-blocks" if kind == "conv1d" else "col-blocks"
+    assert copies.count(owner_slot) == 1 and len(copies) == 4  # the input once, each output gradient once
+    x_ref = x.detach().clone().requires_grad_(True)
+    h_ref = x_ref * 1.5
+    ref_vals = []
+    total = 0
+    for weight, bias, idx, values in refs:
+        v = values.clone().requires_grad_(True)
+        w_eff = weight + torch.zeros_like(weight).view(-1).index_put((idx.long(),), v).view_as(weight)
+        y = F.linear(h_ref, w_eff, bias) if kind == "linear" else h_ref.matmul(w_eff) + bias
+        total = total + y.square().sum()
+        ref_vals.append(v)
+    total.backward()
+    ref_vals = [v.grad for v in ref_vals]
+    for layer, ref in zip(layers, ref_vals):
+        torch.testing.assert_close(layer.values.grad, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_shared_reordering_is_redone_after_an_in_place_change(monkeypatch):
+    _force_token_blocks(monkeypatch)
+    gen = torch.Generator().manual_seed(18)
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    layout = IndexLayout(random_indices(30, 12, gen), torch.Size((5, 6)))
+    first = sddmm(g, x, layout, "sampled_addmm", col_owner=x)
+    torch.testing.assert_close(first, (g.t() @ x).reshape(-1)[layout.indices.long()])
+    x.mul_(-2.0)  # bumps the version: the cached reordering must not be used
+    again = sddmm(g, x, layout, "sampled_addmm", col_owner=x)
+    torch.testing.assert_close(again, (g.t() @ x).reshape(-1)[layout.indices.long()])
+    other = x.clone()  # same values, another owner: no reuse, same result
+    torch.testing.assert_close(sddmm(g, other, layout, "sampled_addmm", col_owner=other), again)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_values_grad_with_observer_matches_dense_reference(kind, dtype):
