@@ -209,8 +209,15 @@ def run_timing(args) -> dict:
             if rep >= args.warmup:
                 times[s].append(time.perf_counter() - t0)
     median = {s: statistics.median(v) * 1000 for s, v in times.items()}
+    # Ratios within each round (neighbouring steps) as well: their spread shows the machine's noise.
+    round_ratios = {}
+    for ref in ("floor", "lora"):
+        if "sparse" in times and ref in times:
+            r = [a / b for a, b in zip(times["sparse"], times[ref])]
+            round_ratios[f"sparse/{ref}"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
     return {
         "median_ms": median,
+        "round_ratios": round_ratios,
         "all_ms": {s: [t * 1000 for t in v] for s, v in times.items()},
         "trainable_params": {s: trainable_count(built[s][0]) for s in args.setups},
         "ratios": {
@@ -274,6 +281,8 @@ def table(result: dict) -> str:
         lines += ["| setup | trainable (excl. head) | step ms | / floor | sparse / this |", "|---|---|---|---|---|"]
         for s, ms in m.items():
             lines.append(f"| {s} | {result['trainable_params'][s]:,} | {ms:.0f} | {ms / floor:.2f} | {m.get('sparse', float('nan')) / ms:.2f} |")
+        for name, r in result.get("round_ratios", {}).items():
+            lines.append(f"\n{name} within each round: median {r['median']:.2f} [min {r['min']:.2f}, max {r['max']:.2f}]")
     if "memory" in result:
         kind = "GPU allocated" if "memory_kind" in result else "RSS"
         lines += [f"| setup | {kind} after load MB | peak {kind} MB | peak - load MB |", "|---|---|---|---|"]

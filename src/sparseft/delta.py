@@ -117,7 +117,7 @@ SDDMM_TOKEN_CHUNK = 293
 # about this many tokens (0: the chunked loop above instead). Each operand is reordered into
 # (blocks x features x block tokens) by one strided copy, which torch runs on every thread,
 # where the 2-D transposes above take torch's single-threaded transpose path; one batched
-# call then replaces a call per chunk. MiniLM's and SmolLM2's layers, 2 threads: 0.66-0.95x
+# call then replaces a call per chunk. MiniLM's and SmolLM2's layers, 2 threads: 0.74-0.98x
 # the chunked loop's time; with 1 thread the chunked loop is as fast or faster (up to 1.4x),
 # so it stays there (bench/bench_sddmm_blocks.py, bench/results/quiet/sddmm_blocks*.json).
 SDDMM_TOKEN_BLOCK = 256
