@@ -1,5 +1,7 @@
-"""The CPU SDDMM (values' gradient) of one layer split into its operand transposes and the
-whole call, next to the dense weight-gradient matmul, at MiniLM's shapes.
+"""The CPU SDDMM (values' gradient) of one layer split into its operand reordering and the
+whole call, for both sampled_addmm paths (the loop of 2-D calls over ~293-token chunks, each
+operand transposed per chunk; one batched call over ~256-token blocks, each operand
+reordered once), next to the dense weight-gradient matmul, at MiniLM's shapes.
 
 Reproduce (quiet machine, 2 threads)::
 
@@ -40,23 +42,39 @@ def main() -> None:
         layout = delta.IndexLayout(idx, (out_f, in_f))
         g, x = torch.randn(args.tokens, out_f), torch.randn(args.tokens, in_f)
         chunks = max(1, round(args.tokens / delta.SDDMM_TOKEN_CHUNK))
+        n_blocks = max(1, round(args.tokens / delta.SDDMM_TOKEN_BLOCK))
 
-        def transposes():  # what sddmm's sampled_addmm path transposes, block by block
+        def transposes():  # what the chunked path transposes, chunk by chunk
             for c in range(chunks):
                 s, e = args.tokens * c // chunks, args.tokens * (c + 1) // chunks
                 delta._transposed_into_scratch(g[s:e], "row")
                 delta._transposed_into_scratch(x[s:e], "col")
 
+        def reorders():  # what the batched path reorders (no shared input here)
+            delta._token_blocked(g, n_blocks, "row-blocks")
+            delta._token_blocked(x, n_blocks, "col-blocks")
+
+        def sddmm_with(block: int) -> float:
+            saved = delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_BLOCKS_MIN_THREADS
+            delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_BLOCKS_MIN_THREADS = block, 1
+            try:
+                return per_call_ms(lambda: delta.sddmm(g, x, layout, "sampled_addmm"), args.reps)
+            finally:
+                delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_BLOCKS_MIN_THREADS = saved
+
         row = {"weight": [out_f, in_f], "entries": layout.numel,
-               "transposes_ms": per_call_ms(transposes, args.reps),
-               "sddmm_ms": per_call_ms(lambda: delta.sddmm(g, x, layout, "sampled_addmm"), args.reps),
+               "chunks_transposes_ms": per_call_ms(transposes, args.reps),
+               "chunks_sddmm_ms": sddmm_with(0),
+               "blocks_reorders_ms": per_call_ms(reorders, args.reps),
+               "blocks_sddmm_ms": sddmm_with(delta.SDDMM_TOKEN_BLOCK),
                "dense_grad_ms": per_call_ms(lambda: g.t().matmul(x), args.reps)}
         rows.append(row)
-        print(f"{out_f}x{in_f}: transposes {row['transposes_ms']:.1f} ms, sddmm {row['sddmm_ms']:.1f} ms, "
+        print(f"{out_f}x{in_f}: chunks: transposes {row['chunks_transposes_ms']:.1f} of {row['chunks_sddmm_ms']:.1f} ms; "
+              f"blocks: reorders {row['blocks_reorders_ms']:.1f} of {row['blocks_sddmm_ms']:.1f} ms; "
               f"dense weight gradient {row['dense_grad_ms']:.1f} ms")
     if args.out:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": args.tokens,
-                "density": args.density}
+                "density": args.density, "chunk": delta.SDDMM_TOKEN_CHUNK, "block": delta.SDDMM_TOKEN_BLOCK}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
