@@ -432,6 +432,20 @@ def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, monkeypa
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("max_tokens", [1, 4, 7, 100])
+def test_batched_sddmm_split_into_bounded_calls(max_tokens, monkeypatch):
+    """Long batches go through several batched calls of at most SDDMM_CALL_MAX_TOKENS tokens
+    (bounded reorder buffers); the result is the same."""
+    _force_token_blocks(monkeypatch, block=2)
+    monkeypatch.setattr(delta_mod, "SDDMM_CALL_MAX_TOKENS", max_tokens)
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(17, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(17, 5, generator=gen, dtype=torch.float64)
+    layout = IndexLayout(random_indices(30, 12, gen), torch.Size((5, 6)))
+    got = sddmm(g, x, layout, "sampled_addmm", col_owner=x)
+    torch.testing.assert_close(got, (g.t() @ x).reshape(-1)[layout.indices.long()], rtol=1e-12, atol=1e-12)
+
+
 def test_shared_reordering_is_redone_after_an_in_place_change(monkeypatch):
     _force_token_blocks(monkeypatch)
     gen = torch.Generator().manual_seed(18)

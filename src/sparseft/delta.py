@@ -122,6 +122,7 @@ SDDMM_TOKEN_CHUNK = 293
 # so it stays there (bench/bench_sddmm_blocks.py, bench/results/quiet/sddmm_blocks*.json).
 SDDMM_TOKEN_BLOCK = 256
 SDDMM_BLOCKS_MIN_THREADS = 2
+SDDMM_CALL_MAX_TOKENS = 8192
 _TRANSPOSE_SCRATCH = threading.local()
 
 
@@ -230,11 +231,20 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             row_factor, col_factor = row_factor.float(), col_factor.float()
         on_cpu = row_factor.device.type == "cpu"
         if SDDMM_TOKEN_BLOCK and TRANSPOSE_SCRATCH and on_cpu and torch.get_num_threads() >= SDDMM_BLOCKS_MIN_THREADS:
-            n_blocks = max(1, round(tokens / SDDMM_TOKEN_BLOCK))
+            # At most SDDMM_CALL_MAX_TOKENS tokens per batched call: the reorder buffers stay
+            # bounded (tokens x features each) however long the batch is.
+            n_calls = -(-tokens // SDDMM_CALL_MAX_TOKENS)
+            out = None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "CSR support is in beta"
-                return _sampled_addmm_token_blocks(row_factor, col_factor, layout, n_blocks,
-                                                   row_owner, col_owner).to(out_dtype)
+                for c in range(n_calls):
+                    start, stop = tokens * c // n_calls, tokens * (c + 1) // n_calls
+                    n_blocks = max(1, round((stop - start) / SDDMM_TOKEN_BLOCK))
+                    owners = (row_owner, col_owner) if n_calls == 1 else (None, None)
+                    part = _sampled_addmm_token_blocks(row_factor[start:stop], col_factor[start:stop], layout,
+                                                       n_blocks, *owners)
+                    out = part if out is None else out.add_(part)
+            return out.to(out_dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CSR support is in beta": said once per process, not useful here
             pattern = torch.sparse_csr_tensor(
