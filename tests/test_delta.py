@@ -392,30 +392,33 @@ def _force_token_blocks(monkeypatch, block=4):
     delta_mod.release_scratch()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, monkeypatch):
+def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, dtype, monkeypatch):
     """q/k/v-style layers fed one input: its token-block reordering is done once per backward
-    and reused, and each layer's values' gradient still equals the dense reference's."""
+    and reused, and each layer's values' gradient still equals the dense reference's. In
+    bf16 the operands are upcast to fresh fp32 copies first, which are not shared."""
     _force_token_blocks(monkeypatch)
     copies = []
     real = delta_mod._scratch_flat
     monkeypatch.setattr(delta_mod, "_scratch_flat", lambda slot, n, like: copies.append(slot) or real(slot, n, like))
     gen = torch.Generator().manual_seed(17)
-    x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
     layers, refs = [], []
     for out_f in (5, 5, 7):
-        base = make_base(kind, out_f, 6, True, gen, torch.float64)
+        base = make_base(kind, out_f, 6, True, gen, dtype)
         idx = random_indices(out_f * 6, 10, gen)
         layer = SparseDeltaLayer(base, idx, backend="sampled_addmm")
         with torch.no_grad():
             layer.values.copy_(torch.randn(10, generator=gen, dtype=torch.float64))
         layers.append(layer)
-        refs.append((base.weight.detach().clone(), base.bias.detach().clone(), idx, layer.values.detach().clone()))
+        refs.append(tuple(t.detach().double() for t in (base.weight, base.bias)) + (idx, layer.values.detach().double()))
     h = x * 1.5  # an intermediate, as in a model
-    sum(layer(h).square().sum() for layer in layers).backward()
+    sum(layer(h).double().square().sum() for layer in layers).backward()
     owner_slot = "row-blocks" if kind == "conv1d" else "col-blocks"
-    assert copies.count(owner_slot) == 1 and len(copies) == 4  # the input once, each output gradient once
-    x_ref = x.detach().clone().requires_grad_(True)
+    shared = dtype == torch.float64
+    assert copies.count(owner_slot) == (1 if shared else 3) and len(copies) == (4 if shared else 6)
+    x_ref = x.detach().double().requires_grad_(True)
     h_ref = x_ref * 1.5
     ref_vals = []
     total = 0
@@ -427,9 +430,12 @@ def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, monkeypa
         ref_vals.append(v)
     total.backward()
     ref_vals = [v.grad for v in ref_vals]
-    for layer, ref in zip(layers, ref_vals):
-        torch.testing.assert_close(layer.values.grad, ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    pairs = [(layer.values.grad, ref, "values' gradient") for layer, ref in zip(layers, ref_vals)]
+    for actual, expected, what in pairs + [(x.grad, x_ref.grad, "input gradient")]:
+        if shared:
+            torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+        else:
+            assert_close(actual, expected, dtype, what)  # bf16: relative to the largest entry
 
 
 @pytest.mark.parametrize("max_tokens", [1, 4, 7, 100])

@@ -229,6 +229,7 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         if row_factor.dtype not in (torch.float32, torch.float64):
             # sampled_addmm has no bf16 kernel (CPU or CUDA) in the torch versions we support: upcast.
             row_factor, col_factor = row_factor.float(), col_factor.float()
+            row_owner = col_owner = None  # fresh copies: their addresses say nothing about the owner's view
         on_cpu = row_factor.device.type == "cpu"
         if SDDMM_TOKEN_BLOCK and TRANSPOSE_SCRATCH and on_cpu and torch.get_num_threads() >= SDDMM_BLOCKS_MIN_THREADS:
             # At most SDDMM_CALL_MAX_TOKENS tokens per batched call: the reorder buffers stay
