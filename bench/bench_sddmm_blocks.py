@@ -6,6 +6,8 @@ Each variant sets ``delta.SDDMM_TOKEN_BLOCK`` (0: the chunked loop with
 interleaved round-robin, median over the rounds. Shapes: MiniLM's layers at 2,048 tokens
 (batch 32 x 64) and 3.1 % density, SmolLM2's at 512 tokens (2 x 256) and 2.3 %, the
 densities of LoRA r=8's parameter count in bench_step.py. This chose ``SDDMM_TOKEN_BLOCK``.
+Weights with fewer rows than columns run as their transpose (``SDDMM_TRANSPOSE_WIDE``); the
+last column times the default block size without that, "as is".
 
 Reproduce (quiet machine)::
 
@@ -45,28 +47,33 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     default_block = delta.SDDMM_TOKEN_BLOCK
     rows = []
-    print("| weight | tokens | entries | " + " | ".join(f"block {b or 'off (chunks)'} ms" for b in blocks) + " | best |")
-    print("|---|---|---|" + "---|" * (len(blocks) + 1))
+    print("| weight | tokens | entries | " + " | ".join(f"block {b or 'off (chunks)'} ms" for b in blocks)
+          + f" | best | block {default_block}, as is ms |")
+    print("|---|---|---|" + "---|" * (len(blocks) + 2))
     for out_f, in_f, tokens, density in CASES:
         n = out_f * in_f
         idx = torch.randperm(n, generator=gen)[:int(density * n)].sort().values.to(torch.int32)
         layout = delta.IndexLayout(idx, (out_f, in_f))
         g, x = torch.randn(tokens, out_f, generator=gen), torch.randn(tokens, in_f, generator=gen)
-        times = {b: [] for b in blocks}
+        variants = [(b, True) for b in blocks] + [(default_block, False)]
+        times = {v: [] for v in variants}
         for r in range(args.rounds + 3):
-            for b in blocks:
-                delta.SDDMM_TOKEN_BLOCK = b
+            for b, transpose_wide in variants:
+                delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_TRANSPOSE_WIDE = b, transpose_wide
                 t0 = time.perf_counter()
                 delta.sddmm(g, x, layout, "sampled_addmm")
                 if r >= 3:
-                    times[b].append(time.perf_counter() - t0)
-        delta.SDDMM_TOKEN_BLOCK = default_block
+                    times[(b, transpose_wide)].append(time.perf_counter() - t0)
+        delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_TRANSPOSE_WIDE = default_block, True
+        as_is = statistics.median(times.pop((default_block, False))) * 1000
+        times = {b: times[(b, True)] for b in blocks}
         med = {b: statistics.median(v) * 1000 for b, v in times.items()}
         best = min(med, key=med.get)
         rows.append({"weight": [out_f, in_f], "tokens": tokens, "entries": layout.numel,
-                     "median_ms": {str(b): v for b, v in med.items()}, "best_block": best})
+                     "median_ms": {str(b): v for b, v in med.items()}, "best_block": best,
+                     "default_block_not_transposed_ms": as_is})
         print(f"| {out_f}x{in_f} | {tokens} | {layout.numel} | " + " | ".join(f"{med[b]:.2f}" for b in blocks)
-              + f" | {best} |")
+              + f" | {best} | {as_is:.2f} |")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "chunk": delta.SDDMM_TOKEN_CHUNK,

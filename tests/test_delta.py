@@ -405,7 +405,8 @@ def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, dtype, m
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
     layers, refs = [], []
-    for out_f in (5, 5, 7):
+    # Weights with at least as many rows as columns (wider ones solve the transposed problem).
+    for out_f in ((7, 7, 9) if kind == "linear" else (4, 4, 6)):
         base = make_base(kind, out_f, 6, True, gen, dtype)
         idx = random_indices(out_f * 6, 10, gen)
         layer = SparseDeltaLayer(base, idx, backend="sampled_addmm")
@@ -436,6 +437,27 @@ def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, dtype, m
             torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
         else:
             assert_close(actual, expected, dtype, what)  # bf16: relative to the largest entry
+
+
+@pytest.mark.parametrize("shape", [(3, 11), (5, 6), (1, 9), (6, 5)])
+def test_batched_sddmm_of_wide_weights_via_the_transpose(shape, monkeypatch):
+    """A weight with fewer rows than columns is solved as its transpose (built once per
+    layout) and read back in index order; the values equal the dense product's."""
+    _force_token_blocks(monkeypatch, block=3)
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(20)
+    g = torch.randn(13, rows, generator=gen, dtype=torch.float64)
+    x = torch.randn(13, cols, generator=gen, dtype=torch.float64)
+    layout = IndexLayout(random_indices(rows * cols, max(1, rows * cols // 2), gen), torch.Size(shape))
+    ref = (g.t() @ x).reshape(-1)[layout.indices.long()]
+    for _ in range(2):
+        torch.testing.assert_close(sddmm(g, x, layout, "sampled_addmm"), ref, rtol=1e-12, atol=1e-12)
+    assert (layout._transposed is not None) == (rows < cols)
+    if rows < cols:
+        layout_t, back = layout.transposed()
+        assert layout_t.weight_shape == (cols, rows)
+        r, c = layout.indices.long() // cols, layout.indices.long() % cols
+        assert torch.equal(layout_t.indices.long()[back], c * rows + r)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 4, 7, 100])

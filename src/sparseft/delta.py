@@ -65,6 +65,8 @@ class IndexLayout:
     ``crow``/``col`` (int32) are the CSR pattern for ``sampled_addmm``, ``rows`` (int32) the
     row of each entry (gather backend), ``flat_long`` the index as int64 (``index_copy_``
     wants it, for the in-place weight mode): 16 bytes per entry beside the int32 index.
+    A weight with fewer rows than columns also gets, at its first CPU SDDMM, the pattern of
+    its transpose and the way back to index order (``transposed()``): 16 bytes more per entry.
     """
 
     def __init__(self, indices: torch.Tensor, weight_shape: torch.Size | tuple[int, int],
@@ -78,6 +80,9 @@ class IndexLayout:
         # values' gradient is then the dense weight gradient itself, one matmul, and the
         # row/column buffers are not built. Dense-silo methods (DST) use this.
         self.full = self.numel == rows_n * cols_n and self.numel > 0
+        # Built on demand by transposed(); not for the throwaway layouts inside custom ops.
+        self._transposed: tuple[IndexLayout, torch.Tensor] | None = None
+        self.keeps_derived = parts is None
         if parts is not None:  # already built (inside the custom op)
             self.crow, self.col, self.rows, self.flat_long = parts
             return
@@ -99,6 +104,18 @@ class IndexLayout:
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.crow, self.col, self.rows, self.flat_long
 
+    def transposed(self) -> tuple[IndexLayout, torch.Tensor]:
+        """The layout of the same entries in the transposed weight (cols x rows), and the
+        int64 positions ``back`` such that ``values_t[back]`` is in this layout's order."""
+        if self._transposed is None:
+            rows_n, cols_n = self.weight_shape
+            flat_t = (self.flat_long % cols_n) * rows_n + self.flat_long // cols_n
+            order = torch.argsort(flat_t)
+            back = torch.empty_like(order)
+            back[order] = torch.arange(order.numel(), device=order.device)
+            self._transposed = (IndexLayout(flat_t[order].to(torch.int32), (cols_n, rows_n)), back)
+        return self._transposed
+
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
@@ -117,12 +134,14 @@ SDDMM_TOKEN_CHUNK = 293
 # about this many tokens (0: the chunked loop above instead). Each operand is reordered into
 # (blocks x features x block tokens) by one strided copy, which torch runs on every thread,
 # where the 2-D transposes above take torch's single-threaded transpose path; one batched
-# call then replaces a call per chunk. MiniLM's and SmolLM2's layers, 2 threads: 0.74-0.98x
-# the chunked loop's time; with 1 thread the chunked loop is as fast or faster (up to 1.4x),
+# call then replaces a call per chunk. MiniLM's and SmolLM2's layers, 2 threads: 0.74-0.97x
+# the chunked loop's time; with 1 thread the chunked loop is as fast or faster (up to 1.3x),
 # so it stays there (bench/bench_sddmm_blocks.py, bench/results/quiet/sddmm_blocks*.json).
 SDDMM_TOKEN_BLOCK = 256
 SDDMM_BLOCKS_MIN_THREADS = 2
 SDDMM_CALL_MAX_TOKENS = 8192
+# A weight with fewer rows than columns runs the batched call on its transpose (see sddmm).
+SDDMM_TRANSPOSE_WIDE = True
 _TRANSPOSE_SCRATCH = threading.local()
 
 
@@ -232,6 +251,14 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             row_owner = col_owner = None  # fresh copies: their addresses say nothing about the owner's view
         on_cpu = row_factor.device.type == "cpu"
         if SDDMM_TOKEN_BLOCK and TRANSPOSE_SCRATCH and on_cpu and torch.get_num_threads() >= SDDMM_BLOCKS_MIN_THREADS:
+            rows, cols = layout.weight_shape
+            if rows < cols and SDDMM_TRANSPOSE_WIDE and layout.keeps_derived:
+                # The same entries as the transposed problem: sampled_addmm keeps each row's
+                # operand in cache while it walks that row's entries, and runs faster when
+                # the other operand, read at random, is the narrower one (384 x 1536 at 2,048
+                # tokens: ~0.85x; bench/bench_sddmm_blocks.py, its "as is" column).
+                layout_t, back = layout.transposed()
+                return sddmm(col_factor, row_factor, layout_t, "sampled_addmm", col_owner, row_owner)[back].to(out_dtype)
             # At most SDDMM_CALL_MAX_TOKENS tokens per batched call: the reorder buffers stay
             # bounded (tokens x features each) however long the batch is.
             n_calls = -(-tokens // SDDMM_CALL_MAX_TOKENS)
