@@ -457,7 +457,7 @@ def test_batched_sddmm_of_wide_weights_via_the_transpose(shape, monkeypatch):
         layout_t, back = layout.transposed()
         assert layout_t.weight_shape == (cols, rows)
         r, c = layout.indices.long() // cols, layout.indices.long() % cols
-        assert torch.equal(layout_t.indices.long()[back], c * rows + r)
+        assert torch.equal(layout_t.indices.long()[back.long()], c * rows + r)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 4, 7, 100])

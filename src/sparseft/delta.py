@@ -105,15 +105,18 @@ class IndexLayout:
         return self.crow, self.col, self.rows, self.flat_long
 
     def transposed(self) -> tuple[IndexLayout, torch.Tensor]:
-        """The layout of the same entries in the transposed weight (cols x rows), and the
-        int64 positions ``back`` such that ``values_t[back]`` is in this layout's order."""
+        """The layout of the same entries in the transposed weight (cols x rows), for the
+        SDDMM only (no int64 index), and the int32 positions ``back`` such that
+        ``values_t.index_select(0, back)`` is in this layout's order."""
         if self._transposed is None:
             rows_n, cols_n = self.weight_shape
             flat_t = (self.flat_long % cols_n) * rows_n + self.flat_long // cols_n
             order = torch.argsort(flat_t)
-            back = torch.empty_like(order)
-            back[order] = torch.arange(order.numel(), device=order.device)
-            self._transposed = (IndexLayout(flat_t[order].to(torch.int32), (cols_n, rows_n)), back)
+            back = torch.empty(order.numel(), dtype=torch.int32, device=order.device)
+            back[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
+            layout_t = IndexLayout(flat_t[order].to(torch.int32), (cols_n, rows_n))
+            layout_t.flat_long = layout_t.flat_long[:0]  # only the in-place weight mode and dense SDDMM read it
+            self._transposed = (layout_t, back)
         return self._transposed
 
 
@@ -258,7 +261,8 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
                 # the other operand, read at random, is the narrower one (384 x 1536 at 2,048
                 # tokens: ~0.85x; bench/bench_sddmm_blocks.py, its "as is" column).
                 layout_t, back = layout.transposed()
-                return sddmm(col_factor, row_factor, layout_t, "sampled_addmm", col_owner, row_owner)[back].to(out_dtype)
+                values_t = sddmm(col_factor, row_factor, layout_t, "sampled_addmm", col_owner, row_owner)
+                return values_t.index_select(0, back).to(out_dtype)
             # At most SDDMM_CALL_MAX_TOKENS tokens per batched call: the reorder buffers stay
             # bounded (tokens x features each) however long the batch is.
             n_calls = -(-tokens // SDDMM_CALL_MAX_TOKENS)
