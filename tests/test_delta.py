@@ -140,6 +140,15 @@ def test_auto_backend_cost_model():
     assert not delta_mod.gather_is_cheaper(1 << 20, 4, 10_000, 10_000)  # over GATHER_AUTO_LIMIT
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 4), (4, 2)])
+def test_sddmm_of_no_tokens_is_zero(backend, shape, monkeypatch):
+    _force_token_blocks(monkeypatch)
+    layout = IndexLayout(torch.tensor([0, 3, 5], dtype=torch.int32), torch.Size(shape))
+    got = sddmm(torch.randn(0, shape[0]), torch.randn(0, shape[1]), layout, backend)
+    assert torch.equal(got, torch.zeros(3))
+
+
 def test_sddmm_unknown_backend():
     layout = IndexLayout(torch.tensor([0, 1], dtype=torch.int32), torch.Size((2, 2)))
     with pytest.raises(ValueError, match="unknown SDDMM backend"):

@@ -265,7 +265,7 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
                 return values_t.index_select(0, back).to(out_dtype)
             # At most SDDMM_CALL_MAX_TOKENS tokens per batched call: the reorder buffers stay
             # bounded (tokens x features each) however long the batch is.
-            n_calls = -(-tokens // SDDMM_CALL_MAX_TOKENS)
+            n_calls = max(1, -(-tokens // SDDMM_CALL_MAX_TOKENS))
             out = None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "CSR support is in beta"
