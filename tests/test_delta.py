@@ -469,6 +469,31 @@ def test_batched_sddmm_of_wide_weights_via_the_transpose(shape, monkeypatch):
         assert torch.equal(layout_t.indices.long()[back.long()], c * rows + r)
 
 
+def test_double_backward_through_the_values_gradient(monkeypatch):
+    """A second-order pass (differentiating the values' gradient w.r.t. the input) takes
+    the plain sampled_addmm path even where the batched one is on, and matches the dense
+    reference."""
+    _force_token_blocks(monkeypatch)
+    gen = torch.Generator().manual_seed(21)
+    base = make_base("linear", 5, 6, True, gen, torch.float64)
+    idx = random_indices(30, 10, gen)
+    vals = torch.randn(10, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64)
+    layer = SparseDeltaLayer(base, idx, backend="sampled_addmm")
+    with torch.no_grad():
+        layer.values.copy_(vals)
+    x = x0.clone().requires_grad_(True)
+    gv, = torch.autograd.grad(layer(x * 1.5).square().sum(), layer.values, create_graph=True)
+    gv.square().sum().backward()
+    v = vals.clone().requires_grad_(True)
+    x_ref = x0.clone().requires_grad_(True)
+    w_eff = base.weight.detach() + torch.zeros(30, dtype=torch.float64).index_put((idx.long(),), v).view(5, 6)
+    gv_ref, = torch.autograd.grad(F.linear(x_ref * 1.5, w_eff, base.bias.detach()).square().sum(), v, create_graph=True)
+    gv_ref.square().sum().backward()
+    torch.testing.assert_close(gv, gv_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("max_tokens", [1, 4, 7, 100])
 def test_batched_sddmm_split_into_bounded_calls(max_tokens, monkeypatch):
     """Long batches go through several batched calls of at most SDDMM_CALL_MAX_TOKENS tokens

@@ -253,7 +253,11 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             row_factor, col_factor = row_factor.float(), col_factor.float()
             row_owner = col_owner = None  # fresh copies: their addresses say nothing about the owner's view
         on_cpu = row_factor.device.type == "cpu"
-        if SDDMM_TOKEN_BLOCK and TRANSPOSE_SCRATCH and on_cpu and torch.get_num_threads() >= SDDMM_BLOCKS_MIN_THREADS:
+        # Not under a double backward (factors that require grad): batched sampled_addmm has
+        # no derivative, and reused buffers must not enter a graph.
+        differentiable = torch.is_grad_enabled() and (row_factor.requires_grad or col_factor.requires_grad)
+        if (SDDMM_TOKEN_BLOCK and TRANSPOSE_SCRATCH and on_cpu and not differentiable
+                and torch.get_num_threads() >= SDDMM_BLOCKS_MIN_THREADS):
             rows, cols = layout.weight_shape
             if rows < cols and SDDMM_TRANSPOSE_WIDE and layout.keeps_derived:
                 # The same entries as the transposed problem: sampled_addmm keeps each row's
