@@ -38,7 +38,7 @@ def main() -> None:
 
     real_sddmm, real_weight = delta.sddmm, delta.with_effective_weight
 
-    def zero_sddmm(row_factor, col_factor, layout, backend):
+    def zero_sddmm(row_factor, col_factor, layout, backend, *owners):
         return row_factor.new_zeros(layout.numel)
 
     def plain_weight(weight, values, layout, mode, fn):
