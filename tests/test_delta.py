@@ -469,28 +469,35 @@ def test_batched_sddmm_of_wide_weights_via_the_transpose(shape, monkeypatch):
         assert torch.equal(layout_t.indices.long()[back.long()], c * rows + r)
 
 
-def test_double_backward_through_the_values_gradient(monkeypatch):
-    """A second-order pass (differentiating the values' gradient w.r.t. the input) takes
-    the plain sampled_addmm path even where the batched one is on, and matches the dense
-    reference."""
-    _force_token_blocks(monkeypatch)
+@pytest.mark.parametrize("batched", [True, False], ids=["blocks-on", "chunks"])
+def test_double_backward_through_the_values_gradient(batched, monkeypatch):
+    """A second-order pass (differentiating two stacked layers' values' gradients w.r.t. the
+    input) takes sampled_addmm with fresh transposes, even where the batched path and the
+    reused buffers are on, and matches the dense reference."""
+    _force_token_blocks(monkeypatch, block=4 if batched else 0)
     gen = torch.Generator().manual_seed(21)
-    base = make_base("linear", 5, 6, True, gen, torch.float64)
-    idx = random_indices(30, 10, gen)
-    vals = torch.randn(10, generator=gen, dtype=torch.float64)
+    bases = [make_base("linear", 6, 6, True, gen, torch.float64) for _ in range(2)]
+    idxs = [random_indices(36, 10, gen) for _ in bases]
+    vals = [torch.randn(10, generator=gen, dtype=torch.float64) for _ in bases]
     x0 = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64)
-    layer = SparseDeltaLayer(base, idx, backend="sampled_addmm")
-    with torch.no_grad():
-        layer.values.copy_(vals)
+    layers = [SparseDeltaLayer(b, i, backend="sampled_addmm") for b, i in zip(bases, idxs)]
+    for layer, v in zip(layers, vals):
+        with torch.no_grad():
+            layer.values.copy_(v)
     x = x0.clone().requires_grad_(True)
-    gv, = torch.autograd.grad(layer(x * 1.5).square().sum(), layer.values, create_graph=True)
-    gv.square().sum().backward()
-    v = vals.clone().requires_grad_(True)
+    params = [layer.values for layer in layers]
+    grads = torch.autograd.grad(layers[1](layers[0](x * 1.5)).square().sum(), params, create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+    vs = [v.clone().requires_grad_(True) for v in vals]
     x_ref = x0.clone().requires_grad_(True)
-    w_eff = base.weight.detach() + torch.zeros(30, dtype=torch.float64).index_put((idx.long(),), v).view(5, 6)
-    gv_ref, = torch.autograd.grad(F.linear(x_ref * 1.5, w_eff, base.bias.detach()).square().sum(), v, create_graph=True)
-    gv_ref.square().sum().backward()
-    torch.testing.assert_close(gv, gv_ref, rtol=1e-10, atol=1e-10)
+    h = x_ref * 1.5
+    for b, i, v in zip(bases, idxs, vs):
+        w_eff = b.weight.detach() + torch.zeros(36, dtype=torch.float64).index_put((i.long(),), v).view(6, 6)
+        h = F.linear(h, w_eff, b.bias.detach())
+    grads_ref = torch.autograd.grad(h.square().sum(), vs, create_graph=True)
+    sum(g.square().sum() for g in grads_ref).backward()
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
 
 

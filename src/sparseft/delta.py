@@ -296,7 +296,7 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         for c in range(n_chunks):
             start, stop = tokens * c // n_chunks, tokens * (c + 1) // n_chunks
             rf, cf = (row_factor, col_factor) if n_chunks == 1 else (row_factor[start:stop], col_factor[start:stop])
-            if TRANSPOSE_SCRATCH:
+            if TRANSPOSE_SCRATCH and not differentiable:
                 mat1 = _transposed_into_scratch(rf, "row")
                 mat2 = _transposed_into_scratch(cf, "col").t()
             else:
