@@ -28,6 +28,9 @@ GATHER_NS_PER_PRODUCT = 1.7
 SAMPLED_NS_PER_PRODUCT = 0.2
 SAMPLED_NS_PER_TRANSPOSED = 1.3
 SAMPLED_FIXED_NS = 80_000
+# On CUDA in fp32, above this many (tokens x weight entries) the dense weight-gradient
+# matmul costs more than sampled_addmm (measured between SmolLM2 and a 1.2 B Llama).
+DENSE_FP32_LIMIT = 1 << 33
 
 
 def gather_is_cheaper(tokens: int, entries: int, rows: int, cols: int) -> bool:
@@ -38,10 +41,6 @@ def gather_is_cheaper(tokens: int, entries: int, rows: int, cols: int) -> bool:
     gather = GATHER_NS_PER_PRODUCT * products
     sampled = SAMPLED_NS_PER_TRANSPOSED * tokens * (rows + cols) + SAMPLED_NS_PER_PRODUCT * products + SAMPLED_FIXED_NS
     return gather < sampled
-# On CUDA in fp32, above this many (tokens x weight entries) the dense weight-gradient
-# matmul costs more than sampled_addmm (measured between SmolLM2 and a 1.2 B Llama).
-DENSE_FP32_LIMIT = 1 << 33
-
 
 
 def is_conv1d(module: nn.Module) -> bool:
