@@ -30,7 +30,7 @@ SCHEDULES = ("static", "dynamic")
 DROP_POLICIES = ("merge", "zero")
 SELECTIONS = ("global", "per-layer")
 MAGNITUDE_ORDERS = ("largest", "smallest")
-BACKENDS = ("auto", "sampled_addmm", "gather", "dense")
+BACKENDS = ("auto", "native", "sampled_addmm", "gather", "dense")
 
 
 @dataclass

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native
+
 # Largest (tokens x entries) product the gather backend materialises at once.
 GATHER_CHUNK_ELEMENTS = 1 << 24
 # The CPU SDDMM backend choice ("auto"): a cost model fitted on bench/bench_sddmm_backends.py
@@ -28,19 +30,28 @@ GATHER_NS_PER_PRODUCT = 1.7
 SAMPLED_NS_PER_PRODUCT = 0.2
 SAMPLED_NS_PER_TRANSPOSED = 1.3
 SAMPLED_FIXED_NS = 80_000
+# The compiled kernel (native.py) transposes both operands a cache-sized block at a time:
+# ~0.5 ns per (token x (rows + cols)), ~0.08 per (token x entry), ~30 us fixed (same bench).
+NATIVE_NS_PER_TRANSPOSED = 0.5
+NATIVE_NS_PER_PRODUCT = 0.08
+NATIVE_FIXED_NS = 30_000
 # On CUDA in fp32, above this many (tokens x weight entries) the dense weight-gradient
 # matmul costs more than sampled_addmm (measured between SmolLM2 and a 1.2 B Llama).
 DENSE_FP32_LIMIT = 1 << 33
 
 
-def gather_is_cheaper(tokens: int, entries: int, rows: int, cols: int) -> bool:
-    """Whether ``auto`` takes the gather backend over sampled_addmm on CPU (see the cost model above)."""
+def gather_is_cheaper(tokens: int, entries: int, rows: int, cols: int, native: bool = False) -> bool:
+    """Whether ``auto`` takes the gather backend on CPU over sampled_addmm, or over the
+    compiled kernel with ``native`` (see the cost model above)."""
     products = tokens * entries
     if products > GATHER_AUTO_LIMIT:
         return False
     gather = GATHER_NS_PER_PRODUCT * products
-    sampled = SAMPLED_NS_PER_TRANSPOSED * tokens * (rows + cols) + SAMPLED_NS_PER_PRODUCT * products + SAMPLED_FIXED_NS
-    return gather < sampled
+    if native:
+        other = NATIVE_NS_PER_TRANSPOSED * tokens * (rows + cols) + NATIVE_NS_PER_PRODUCT * products + NATIVE_FIXED_NS
+    else:
+        other = SAMPLED_NS_PER_TRANSPOSED * tokens * (rows + cols) + SAMPLED_NS_PER_PRODUCT * products + SAMPLED_FIXED_NS
+    return gather < other
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -216,6 +227,14 @@ def release_scratch() -> None:
     _TRANSPOSE_SCRATCH.__dict__.pop("bufs", None)
     _REORDERED.__dict__.pop("last", None)
     _SCRATCH.__dict__.pop("bufs", None)
+    native.release_scratch()
+
+
+def _native_applies(row_factor: torch.Tensor, col_factor: torch.Tensor) -> bool:
+    """The compiled CPU kernel takes these factors: CPU floats, not under a double backward
+    (it has no derivative), and it is built."""
+    differentiable = torch.is_grad_enabled() and (row_factor.requires_grad or col_factor.requires_grad)
+    return not differentiable and native.supports(row_factor, col_factor) and native.library() is not None
 
 
 def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayout, backend: str,
@@ -241,8 +260,21 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             backend = "sampled_addmm" if large_fp32 else "dense"
         else:
             rows, cols = layout.weight_shape
-            backend = "gather" if gather_is_cheaper(tokens, layout.numel, rows, cols) else "sampled_addmm"
+            use_native = _native_applies(row_factor, col_factor)
+            if gather_is_cheaper(tokens, layout.numel, rows, cols, native=use_native):
+                backend = "gather"
+            else:
+                backend = "native" if use_native else "sampled_addmm"
     out_dtype = row_factor.dtype
+    if backend == "native":
+        if _native_applies(row_factor, col_factor):
+            lib = native.library()
+            return native.sddmm(row_factor, col_factor, layout.crow, layout.col, layout.weight_shape, lib).to(out_dtype)
+        if native.library() is None:
+            raise ValueError("SDDMM backend 'native': the compiled CPU kernel is unavailable "
+                             "(see the warning above, or SPARSEFT_NATIVE); use 'auto'")
+        # CUDA tensors, float64, or a double backward: torch's path gives the same numbers.
+        backend = "dense" if row_factor.is_cuda else "sampled_addmm"
     if backend == "dense":
         # Transient: one weight-sized buffer, freed as soon as the entries are read.
         return row_factor.t().matmul(col_factor).view(-1).index_select(0, layout.flat_long)

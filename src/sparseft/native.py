@@ -1,0 +1,204 @@
+"""The compiled CPU SDDMM (``csrc/sddmm.c``): built on first use, loaded with ctypes.
+
+torch has no CPU kernel that reads the SDDMM's operands as autograd hands them over
+(token-major); ``sampled_addmm`` needs both transposed in memory first, and on 2 cores that
+round trip was most of sparseft's step overhead. The C kernel transposes one cache-sized
+block of tokens at a time instead. It is compiled with the system C compiler (``$CC``,
+else Python's, else ``cc``) into a cache directory keyed on the source, the compiler and
+the CPU, once per machine (about a second); with no compiler, or a failed build, sparseft
+warns once and keeps the pure-torch SDDMM. ``SPARSEFT_NATIVE=0`` turns the kernel off,
+``SPARSEFT_NATIVE=1`` makes a failed build an error.
+
+The kernel's OpenMP regions run on torch's own thread pool: torch's libgomp.so.1 is
+loaded first (this module imports torch), and the kernel's reference to that soname
+resolves to it.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "sddmm.c"
+ABI = 1
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"],
+    ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"],  # compilers without -march=native
+)
+BUILD_TIMEOUT_S = 300
+
+_LOCK = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class NativeBuildError(RuntimeError):
+    """The compiled kernel could not be built or loaded (and SPARSEFT_NATIVE=1 asks for it)."""
+
+
+def _setting() -> str:
+    value = os.environ.get("SPARSEFT_NATIVE", "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("1", "on", "true", "yes", "require"):
+        return "require"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(f"SPARSEFT_NATIVE={value!r}: use 0 (off), 1 (required) or auto")
+
+
+def compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPARSEFT_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparseft"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(keep))) + platform.machine()
+
+
+def _compiler_version(cc: list[str]) -> str:
+    try:
+        return subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: list[str]) -> Path:
+    source = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    if not version:
+        raise NativeBuildError(f"no working C compiler ({shlex.join(cc)} --version failed)")
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(cc + flags).encode(),
+                                         _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
+        target = cache_dir() / f"sddmm-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target, then rename: processes building at once never see half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                 timeout=BUILD_TIMEOUT_S)
+            if run.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(f"{shlex.join([*cc, *flags])}: {run.stderr.strip()[-2000:]}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{shlex.join([*cc, *flags])}: {exc}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise NativeBuildError("building the CPU SDDMM kernel failed:\n" + "\n".join(errors))
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.sparseft_native_abi() != ABI:
+        raise NativeBuildError(f"{path}: kernel ABI {lib.sparseft_native_abi()}, expected {ABI}")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sparseft_block_tokens.restype = i64
+    lib.sparseft_sddmm_f32.restype = None
+    lib.sparseft_sddmm_f32.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, building it on the first call; None when it is off or unavailable."""
+    setting = _setting()
+    if setting == "off":
+        return None
+    with _LOCK:
+        if "lib" not in _state:
+            try:
+                _state["lib"] = _load(_build(compiler()))
+            except (NativeBuildError, OSError, AttributeError) as exc:
+                _state["lib"] = None
+                _state["error"] = str(exc)
+                if setting != "require":
+                    warnings.warn(f"sparseft: the compiled CPU SDDMM is unavailable, using torch's "
+                                  f"(slower): {exc}", RuntimeWarning, stacklevel=2)
+        lib = _state["lib"]
+    if lib is None and setting == "require":
+        raise NativeBuildError(f"SPARSEFT_NATIVE=1 but the kernel is unavailable: {_state.get('error')}")
+    return lib  # type: ignore[return-value]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def reset() -> None:
+    """Forget the loaded kernel (tests; a changed SPARSEFT_NATIVE or compiler)."""
+    with _LOCK:
+        _state.clear()
+
+
+def supports(row_factor: torch.Tensor, col_factor: torch.Tensor) -> bool:
+    """Whether the kernel can take these factors: CPU fp32 (other CPU float dtypes upcast)."""
+    return (row_factor.device.type == "cpu" and col_factor.device.type == "cpu"
+            and row_factor.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and col_factor.dtype == row_factor.dtype)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, numel: int) -> torch.Tensor:
+    """A reused per-thread fp32 buffer of at least ``numel`` elements (grown as needed)."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[slot] = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
+def release_scratch() -> None:
+    _SCRATCH.__dict__.pop("bufs", None)
+
+
+def _token_major(a: torch.Tensor) -> torch.Tensor:
+    a = a if a.dtype == torch.float32 else a.float()
+    return a if a.stride(1) == 1 and a.stride(0) >= a.shape[1] else a.contiguous()
+
+
+def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+          weight_shape: tuple[int, int], lib: ctypes.CDLL) -> torch.Tensor:
+    """out[e] = sum_t row_factor[t, row(e)] * col_factor[t, col[e]] over the CSR pattern
+    (int32 ``crow``/``col``), in fp32."""
+    rows, cols = weight_shape
+    tokens = row_factor.shape[0]
+    g, x = _token_major(row_factor), _token_major(col_factor)
+    crow, col = crow.contiguous(), col.contiguous()
+    entries = col.numel()
+    threads = max(1, torch.get_num_threads())
+    out = torch.empty(entries, dtype=torch.float32)
+    partials = _scratch("partials", (threads - 1) * entries)
+    scratch = _scratch("blocks", threads * int(lib.sparseft_block_tokens()) * (rows + cols))
+    lib.sparseft_sddmm_f32(tokens, rows, cols, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0),
+                           crow.data_ptr(), col.data_ptr(), entries, out.data_ptr(), partials.data_ptr(),
+                           scratch.data_ptr(), threads)
+    return out
