@@ -73,8 +73,10 @@ def main() -> None:
             for b in times:
                 times[b] += time_backend(g, x, layout, b, args.reps)
         med = {b: statistics.median(v) * 1e6 for b, v in times.items()}
-        on = native.available()
-        picks = "gather" if delta.gather_is_cheaper(tokens, k, rows, cols, native=on) else ("native" if on else "sampled_addmm")
+        if native.available():
+            picks = "native"
+        else:
+            picks = "gather" if delta.gather_is_cheaper(tokens, k, rows, cols) else "sampled_addmm"
         faster = min(med, key=med.get)
         row = {"rows": rows, "cols": cols, "tokens": tokens, "entries": k, "median_us": med,
                "ratio_gather_over_sampled": med["gather"] / med["sampled_addmm"],

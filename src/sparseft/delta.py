@@ -30,28 +30,23 @@ GATHER_NS_PER_PRODUCT = 1.7
 SAMPLED_NS_PER_PRODUCT = 0.2
 SAMPLED_NS_PER_TRANSPOSED = 1.3
 SAMPLED_FIXED_NS = 80_000
-# The compiled kernel (native.py) transposes both operands a cache-sized block at a time:
-# ~0.5 ns per (token x (rows + cols)), ~0.08 per (token x entry), ~30 us fixed (same bench).
-NATIVE_NS_PER_TRANSPOSED = 0.5
-NATIVE_NS_PER_PRODUCT = 0.08
-NATIVE_FIXED_NS = 30_000
+# Where the compiled kernel (native.py) is built, "auto" takes it for every CPU float SDDMM:
+# 0.15-0.36x sampled_addmm's time in all 17 cases of that bench, and within ~15 % of gather
+# in the two where gather is faster (a few hundred entries or fewer).
 # On CUDA in fp32, above this many (tokens x weight entries) the dense weight-gradient
 # matmul costs more than sampled_addmm (measured between SmolLM2 and a 1.2 B Llama).
 DENSE_FP32_LIMIT = 1 << 33
 
 
-def gather_is_cheaper(tokens: int, entries: int, rows: int, cols: int, native: bool = False) -> bool:
-    """Whether ``auto`` takes the gather backend on CPU over sampled_addmm, or over the
-    compiled kernel with ``native`` (see the cost model above)."""
+def gather_is_cheaper(tokens: int, entries: int, rows: int, cols: int) -> bool:
+    """Whether ``auto`` takes the gather backend over sampled_addmm on CPU, when the compiled
+    kernel is unavailable (see the cost model above)."""
     products = tokens * entries
     if products > GATHER_AUTO_LIMIT:
         return False
     gather = GATHER_NS_PER_PRODUCT * products
-    if native:
-        other = NATIVE_NS_PER_TRANSPOSED * tokens * (rows + cols) + NATIVE_NS_PER_PRODUCT * products + NATIVE_FIXED_NS
-    else:
-        other = SAMPLED_NS_PER_TRANSPOSED * tokens * (rows + cols) + SAMPLED_NS_PER_PRODUCT * products + SAMPLED_FIXED_NS
-    return gather < other
+    sampled = SAMPLED_NS_PER_TRANSPOSED * tokens * (rows + cols) + SAMPLED_NS_PER_PRODUCT * products + SAMPLED_FIXED_NS
+    return gather < sampled
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -258,13 +253,11 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             # weights, where the matmul runs without tensor cores (1.2 B Llama, fp32).
             large_fp32 = row_factor.dtype == torch.float32 and tokens * layout.weight_shape[0] * layout.weight_shape[1] > DENSE_FP32_LIMIT
             backend = "sampled_addmm" if large_fp32 else "dense"
+        elif _native_applies(row_factor, col_factor):
+            backend = "native"
         else:
             rows, cols = layout.weight_shape
-            use_native = _native_applies(row_factor, col_factor)
-            if gather_is_cheaper(tokens, layout.numel, rows, cols, native=use_native):
-                backend = "gather"
-            else:
-                backend = "native" if use_native else "sampled_addmm"
+            backend = "gather" if gather_is_cheaper(tokens, layout.numel, rows, cols) else "sampled_addmm"
     out_dtype = row_factor.dtype
     if backend == "native":
         if _native_applies(row_factor, col_factor):

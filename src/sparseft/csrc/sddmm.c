@@ -13,8 +13,15 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPARSEFT_AVX 1 /* hand-written 8 x 8 transposes and dot products; else portable C */
+#endif
 
 #define BLOCK 64
+#if defined(SPARSEFT_AVX) && BLOCK != 64
+#error "dot_block is written for blocks of 64 tokens"
+#endif
 
 int sparseft_native_abi(void) { return 1; }
 
@@ -26,11 +33,34 @@ static void transpose_block(const float *src, int64_t ld, int64_t n, int64_t fea
   for (; f0 + 8 <= features; f0 += 8) {
     int64_t k0 = 0;
     for (; k0 + 8 <= n; k0 += 8) {
+#ifdef SPARSEFT_AVX
+      const float *s = src + k0 * ld + f0;
+      __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld), r2 = _mm256_loadu_ps(s + 2 * ld),
+             r3 = _mm256_loadu_ps(s + 3 * ld), r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld),
+             r6 = _mm256_loadu_ps(s + 6 * ld), r7 = _mm256_loadu_ps(s + 7 * ld);
+      __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+             t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+             t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+             u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+             u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+             u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float *d = dst + f0 * BLOCK + k0;
+      _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + BLOCK, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * BLOCK, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * BLOCK, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * BLOCK, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * BLOCK, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * BLOCK, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * BLOCK, _mm256_permute2f128_ps(u3, u7, 0x31));
+#else
       float tile[8][8];
       for (int a = 0; a < 8; a++)
         for (int b = 0; b < 8; b++) tile[a][b] = src[(k0 + a) * ld + f0 + b];
       for (int b = 0; b < 8; b++)
         for (int a = 0; a < 8; a++) dst[(f0 + b) * BLOCK + k0 + a] = tile[a][b];
+#endif
     }
     for (; k0 < n; k0++)
       for (int b = 0; b < 8; b++) dst[(f0 + b) * BLOCK + k0] = src[k0 * ld + f0 + b];
@@ -38,6 +68,50 @@ static void transpose_block(const float *src, int64_t ld, int64_t n, int64_t fea
   for (; f0 < features; f0++)
     for (int64_t k = 0; k < n; k++) dst[f0 * BLOCK + k] = src[k * ld + f0];
 }
+
+#ifdef SPARSEFT_AVX
+/* The 8 partial sums of a BLOCK-long dot product, g held in registers. */
+static inline __m256 dot_block(const __m256 g[8], const float *x) {
+  __m256 a = _mm256_mul_ps(g[0], _mm256_loadu_ps(x)), b = _mm256_mul_ps(g[1], _mm256_loadu_ps(x + 8));
+  a = _mm256_fmadd_ps(g[2], _mm256_loadu_ps(x + 16), a);
+  b = _mm256_fmadd_ps(g[3], _mm256_loadu_ps(x + 24), b);
+  a = _mm256_fmadd_ps(g[4], _mm256_loadu_ps(x + 32), a);
+  b = _mm256_fmadd_ps(g[5], _mm256_loadu_ps(x + 40), b);
+  a = _mm256_fmadd_ps(g[6], _mm256_loadu_ps(x + 48), a);
+  b = _mm256_fmadd_ps(g[7], _mm256_loadu_ps(x + 56), b);
+  return _mm256_add_ps(a, b);
+}
+
+/* out[e] += <g row, x col[e]> for one row's entries; four at a time share one horizontal sum. */
+static void row_dots(const float *gr, const float *x_block, const int32_t *col, int32_t e, int32_t end, float *out) {
+  __m256 g[8];
+  for (int i = 0; i < 8; i++) g[i] = _mm256_loadu_ps(gr + 8 * i);
+  for (; e + 4 <= end; e += 4) {
+    __m256 v0 = dot_block(g, x_block + (int64_t)col[e] * BLOCK), v1 = dot_block(g, x_block + (int64_t)col[e + 1] * BLOCK),
+           v2 = dot_block(g, x_block + (int64_t)col[e + 2] * BLOCK), v3 = dot_block(g, x_block + (int64_t)col[e + 3] * BLOCK);
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out + e, _mm_add_ps(_mm_loadu_ps(out + e), sums));
+  }
+  for (; e < end; e++) {
+    __m256 v = dot_block(g, x_block + (int64_t)col[e] * BLOCK);
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_hadd_ps(q, q);
+    q = _mm_hadd_ps(q, q);
+    out[e] += _mm_cvtss_f32(q);
+  }
+}
+#else
+static void row_dots(const float *gr, const float *x_block, const int32_t *col, int32_t e, int32_t end, float *out) {
+  for (; e < end; e++) {
+    const float *xc = x_block + (int64_t)col[e] * BLOCK;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int k = 0; k < BLOCK; k++) s += gr[k] * xc[k];
+    out[e] += s;
+  }
+}
+#endif
 
 static void accumulate_tokens(int64_t t0, int64_t t1, int64_t rows, int64_t cols,
                               const float *g, int64_t ldg, const float *x, int64_t ldx,
@@ -51,16 +125,8 @@ static void accumulate_tokens(int64_t t0, int64_t t1, int64_t rows, int64_t cols
     }
     transpose_block(g + t * ldg, ldg, n, rows, g_block);
     transpose_block(x + t * ldx, ldx, n, cols, x_block);
-    for (int64_t r = 0; r < rows; r++) {
-      const float *gr = g_block + r * BLOCK;
-      for (int32_t e = crow[r]; e < crow[r + 1]; e++) {
-        const float *xc = x_block + (int64_t)col[e] * BLOCK;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int k = 0; k < BLOCK; k++) s += gr[k] * xc[k];
-        out[e] += s;
-      }
-    }
+    for (int64_t r = 0; r < rows; r++)
+      if (crow[r] < crow[r + 1]) row_dots(g_block + r * BLOCK, x_block, col, crow[r], crow[r + 1], out);
   }
 }
 
