@@ -139,8 +139,8 @@ def fresh_kernel_state(monkeypatch, tmp_path):
     """An empty build cache and no loaded kernel; the real state comes back afterwards."""
     saved = dict(native._state)
     native.reset()
-    monkeypatch.setenv("SPARSEFT_CACHE_DIR", str(tmp_path / "cache"))
-    yield tmp_path / "cache"
+    monkeypatch.setenv("SPARSEFT_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache" / "native"
     native.reset()
     native._state.update(saved)
 
@@ -184,3 +184,14 @@ def test_compile_errors_are_reported(fresh_kernel_state, monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSEFT_NATIVE", "1")
     with pytest.raises(native.NativeBuildError, match="building the CPU SDDMM kernel failed"):
         native.library()
+
+
+@needs_kernel
+def test_kernel_refuses_arguments_it_would_read_out_of_bounds():
+    layout = IndexLayout(torch.tensor([0, 3, 5], dtype=torch.int32), torch.Size((2, 4)))
+    lib = native.library()
+    g, x = torch.randn(5, 2), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="int32"):
+        native.sddmm(g, x, layout.crow.long(), layout.col, (2, 4), lib)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.sddmm(g, torch.randn(5, 3), layout.crow, layout.col, (2, 4), lib)

@@ -4,10 +4,10 @@ torch has no CPU kernel that reads the SDDMM's operands as autograd hands them o
 (token-major); ``sampled_addmm`` needs both transposed in memory first, and on 2 cores that
 round trip was most of sparseft's step overhead. The C kernel transposes one cache-sized
 block of tokens at a time instead. It is compiled with the system C compiler (``$CC``,
-else Python's, else ``cc``) into a cache directory keyed on the source, the compiler and
-the CPU, once per machine (about a second); with no compiler, or a failed build, sparseft
-warns once and keeps the pure-torch SDDMM. ``SPARSEFT_NATIVE=0`` turns the kernel off,
-``SPARSEFT_NATIVE=1`` makes a failed build an error.
+else Python's, else ``cc``) into ``$SPARSEFT_CACHE/native``, keyed on the source, the
+compiler and the CPU, once per machine (about a second); with no compiler, or a failed
+build, sparseft warns once and keeps the pure-torch SDDMM. ``SPARSEFT_NATIVE=0`` turns the
+kernel off, ``SPARSEFT_NATIVE=1`` makes a failed build an error.
 
 The kernel's OpenMP regions run on torch's own thread pool: torch's libgomp.so.1 is
 loaded first (this module imports torch), and the kernel's reference to that soname
@@ -61,10 +61,8 @@ def compiler() -> list[str]:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SPARSEFT_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparseft"
+    """``$SPARSEFT_CACHE/native`` (default ``~/.cache/sparseft/native``), beside the converted models."""
+    return Path(os.environ.get("SPARSEFT_CACHE") or Path.home() / ".cache" / "sparseft").expanduser() / "native"
 
 
 def _cpu_signature() -> str:
@@ -191,6 +189,12 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, crow: torch.Tensor
     (int32 ``crow``/``col``), in fp32."""
     rows, cols = weight_shape
     tokens = row_factor.shape[0]
+    # The kernel trusts its arguments: check what would make it read out of bounds.
+    if crow.dtype != torch.int32 or col.dtype != torch.int32 or crow.numel() != rows + 1:
+        raise ValueError(f"CSR pattern must be int32 with rows + 1 = {rows + 1} row pointers")
+    if row_factor.shape[1] != rows or col_factor.shape != (tokens, cols):
+        raise ValueError(f"factors {tuple(row_factor.shape)} and {tuple(col_factor.shape)} do not fit a "
+                         f"{rows} x {cols} weight")
     g, x = _token_major(row_factor), _token_major(col_factor)
     crow, col = crow.contiguous(), col.contiguous()
     entries = col.numel()
