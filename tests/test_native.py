@@ -84,6 +84,9 @@ def test_auto_takes_the_kernel_for_fp32_on_cpu(monkeypatch):
     assert calls == [1]
     sddmm(g.double(), x.double(), layout, "auto")  # fp64: torch's sampled_addmm
     assert calls == [1]
+    few = random_layout(64, 64, 12, gen)  # under a tenth of rows + cols: gather reads less
+    torch.testing.assert_close(sddmm(g, x, few, "auto").double(), dense_entries(g, x, few), rtol=1e-4, atol=1e-4)
+    assert calls == [1]
 
 
 @needs_kernel

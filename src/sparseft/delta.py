@@ -30,9 +30,11 @@ GATHER_NS_PER_PRODUCT = 1.7
 SAMPLED_NS_PER_PRODUCT = 0.2
 SAMPLED_NS_PER_TRANSPOSED = 1.3
 SAMPLED_FIXED_NS = 80_000
-# Where the compiled kernel (native.py) is built, "auto" takes it for every CPU float SDDMM:
-# 0.15-0.36x sampled_addmm's time in all 17 cases of that bench, and within ~15 % of gather
-# in the two where gather is faster (a few hundred entries or fewer).
+# Where the compiled kernel (native.py) is built, "auto" takes it for CPU float SDDMMs:
+# 0.15-0.36x sampled_addmm's time in all 17 cases of that bench at 1 and 2 threads. It
+# transposes every feature, so with fewer entries than a tenth of (rows + cols) gather,
+# which reads only the entries' features, is as fast or faster (up to 1.5x at 1 thread).
+NATIVE_GATHER_ENTRIES_PER_FEATURE = 0.1
 # On CUDA in fp32, above this many (tokens x weight entries) the dense weight-gradient
 # matmul costs more than sampled_addmm (measured between SmolLM2 and a 1.2 B Llama).
 DENSE_FP32_LIMIT = 1 << 33
@@ -253,11 +255,15 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             # weights, where the matmul runs without tensor cores (1.2 B Llama, fp32).
             large_fp32 = row_factor.dtype == torch.float32 and tokens * layout.weight_shape[0] * layout.weight_shape[1] > DENSE_FP32_LIMIT
             backend = "sampled_addmm" if large_fp32 else "dense"
-        elif _native_applies(row_factor, col_factor):
-            backend = "native"
         else:
             rows, cols = layout.weight_shape
-            backend = "gather" if gather_is_cheaper(tokens, layout.numel, rows, cols) else "sampled_addmm"
+            if not _native_applies(row_factor, col_factor):
+                backend = "gather" if gather_is_cheaper(tokens, layout.numel, rows, cols) else "sampled_addmm"
+            elif (layout.numel < NATIVE_GATHER_ENTRIES_PER_FEATURE * (rows + cols)
+                  and tokens * layout.numel <= GATHER_AUTO_LIMIT):
+                backend = "gather"
+            else:
+                backend = "native"
     out_dtype = row_factor.dtype
     if backend == "native":
         if _native_applies(row_factor, col_factor):
