@@ -198,3 +198,34 @@ def test_kernel_refuses_arguments_it_would_read_out_of_bounds():
         native.sddmm(g, x, layout.crow.long(), layout.col, (2, 4), lib)
     with pytest.raises(ValueError, match="do not fit"):
         native.sddmm(g, torch.randn(5, 3), layout.crow, layout.col, (2, 4), lib)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", [native.FLAG_SETS[-1], ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]],
+                         ids=["portable-no-openmp", "portable-openmp"])
+def test_portable_builds_match_dense_product(flags, tmp_path, monkeypatch):
+    """The kernel as built where -march=native or OpenMP is missing: the portable C loops
+    (no AVX) on one thread or on OpenMP's."""
+    import subprocess
+
+    target = tmp_path / "sddmm.so"
+    subprocess.run([*native.compiler(), *flags, str(native.SOURCE), "-o", str(target)], check=True)
+    lib = native._load(target)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    gen = torch.Generator().manual_seed(9)
+    for rows, cols, tokens in [(13, 21, 70), (40, 8, 129)]:
+        layout = random_layout(rows, cols, rows * cols // 3, gen)
+        g, x = torch.randn(tokens, rows, generator=gen), torch.randn(tokens, cols, generator=gen)
+        got = native.sddmm(g, x, layout.crow, layout.col, (rows, cols), lib)
+        torch.testing.assert_close(got.double(), dense_entries(g, x, layout), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_unusable_cache_builds_in_a_temp_folder(fresh_kernel_state, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPARSEFT_CACHE", str(blocker / "cache"))  # cannot be created, even by root
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    built = native._build(native.compiler())
+    assert built.parent.parent == tmp_path / "tmp" and built.parent.name.startswith("sparseft-native-")
+    assert native._build(native.compiler()) == built  # found there next time

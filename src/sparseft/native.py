@@ -34,6 +34,8 @@ ABI = 1
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"],
     ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"],  # compilers without -march=native
+    ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"],  # without OpenMP (Apple clang): one thread
+    ["-O3", "-fPIC", "-shared", "-std=c11"],
 )
 BUILD_TIMEOUT_S = 300
 
@@ -65,6 +67,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSEFT_CACHE") or Path.home() / ".cache" / "sparseft").expanduser() / "native"
 
 
+def _cache_dirs() -> list[Path]:
+    """Where a built kernel is looked for, and built: the cache, else a per-user temp folder."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"sparseft-native-{user}"]
+
+
+def _writable_dir() -> Path:
+    for folder in _cache_dirs():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise NativeBuildError(f"no writable folder for the compiled kernel (tried {', '.join(map(str, _cache_dirs()))})")
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its flags."""
     try:
@@ -91,10 +110,11 @@ def _build(cc: list[str]) -> Path:
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(cc + flags).encode(),
                                          _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
-        target = cache_dir() / f"sddmm-{key}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        name = f"sddmm-{key}.so"
+        for folder in _cache_dirs():
+            if (folder / name).exists():
+                return folder / name
+        target = _writable_dir() / name
         # Build beside the target, then rename: processes building at once never see half a file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)

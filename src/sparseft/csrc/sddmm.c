@@ -9,13 +9,19 @@
  * in memory first; that round trip through RAM is what this kernel saves.
  *
  * Parallel regions use OpenMP; loaded into a process where torch's libgomp.so.1 is already
- * loaded, they run on torch's own thread pool. */
-#include <omp.h>
+ * loaded, they run on torch's own thread pool. Built without OpenMP, it runs on one thread. */
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX__) && defined(__FMA__)
 #include <immintrin.h>
 #define SPARSEFT_AVX 1 /* hand-written 8 x 8 transposes and dot products; else portable C */
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#else /* built without OpenMP (a compiler without it): one thread */
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
 #endif
 
 #define BLOCK 64
