@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import native
 from .config import CALIBRATION_METHODS, KNOWN_METHODS, SparseConfig
 from .model import SparseModel, get_sparse_model, read_adapter
 from .pretrained import DEFAULT_MODEL, load_classifier
@@ -220,6 +221,8 @@ def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
         "data": asdict(spec.data),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
+        # which CPU SDDMM ran: sparseft's compiled kernel, or torch's (no C compiler)
+        "cpu_sddmm": None if device.type == "cuda" else ("compiled" if native.library() is not None else "torch"),
     }
 
 
