@@ -587,3 +587,33 @@ def test_adapter_target_missing_from_base(saved_bert):
     gpt2 = build_gpt2()
     with pytest.raises(AdapterError, match="has no module"):
         SparseModel.from_pretrained(gpt2, saved_bert)
+
+
+def test_sparse_adamw_reads_no_step_counts_back_on_ordinary_steps(tiny_gpt2, monkeypatch):
+    """Entries of one age are tracked on the host: after the first step no update compares
+    the per-entry counts (a device sync per parameter on a GPU). State restored from
+    tensors only, or unpickled, is looked at once and keeps counting."""
+    import pickle
+
+    sparse = get_sparse_model(tiny_gpt2, SparseConfig(density=0.05, seed=1))
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt = SparseAdamW(sparse.sparse_parameters(), **hp)
+    looks = []
+    real = SparseAdamW._common_age
+    monkeypatch.setattr(SparseAdamW, "_common_age", staticmethod(lambda step: looks.append(1) or real(step)))
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(sparse, "gpt2", make_batch(seed=step)).backward()
+        opt.step()
+    assert looks == []
+    twin = pickle.loads(pickle.dumps(opt))  # torch pickles defaults, state and groups only
+    assert twin._ages == {}
+    params = sparse.sparse_parameters()
+    fresh_state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    opt.state.clear()
+    opt.state.update(fresh_state)  # as a checkpoint restore does
+    opt.zero_grad()
+    loss_of(sparse, "gpt2", make_batch(seed=9)).backward()
+    opt.step()
+    assert len(looks) == len(params)
+    assert all(bool((opt.state[p]["step"] == 4).all()) for p in params)

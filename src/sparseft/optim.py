@@ -8,6 +8,7 @@ when the index set of a sparse delta changes.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -23,13 +24,41 @@ class SparseAdamW(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW settings lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        # id(step tensor) -> (weak reference to it, the common age of its entries or None)
+        self._ages: dict[int, tuple[weakref.ref, int | None]] = {}
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] = torch.zeros_like(p, dtype=torch.float32)
+        self._set_age(state["step"], 0)
         return state
+
+    def __setstate__(self, state: dict) -> None:  # unpickling: torch's pickled state leaves the ages out
+        super().__setstate__(state)
+        self._ages = {}
+
+    def _set_age(self, step: torch.Tensor, age: int | None) -> None:
+        self._ages[id(step)] = (weakref.ref(step), age)
+
+    def _age(self, step: torch.Tensor) -> int | None:
+        """The common step count of a parameter's entries, tracked on the host; looked up
+        from the tensor (one device sync) when the state is new to it (restored from a
+        checkpoint or a state dict, or replaced by other code)."""
+        known = self._ages.get(id(step))
+        if known is None or known[0]() is not step:
+            known = (None, self._common_age(step))
+            self._set_age(step, known[1])
+        return known[1]
+
+    @staticmethod
+    def _common_age(step: torch.Tensor) -> int | None:
+        """Every entry's step count if they all agree, else None (one device sync)."""
+        if not step.numel():
+            return 0
+        first = step.view(-1)[:1]
+        return int(first) if bool((step == first).all()) else None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -38,7 +67,11 @@ class SparseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            # Parameters whose entries all have the same age (static masks, dense silos, heads)
+            # take torch's AdamW arithmetic with scalar bias corrections, batched by age with
+            # foreach ops. The age is tracked on the host (None once entries of different ages
+            # mix), so no step reads the per-entry counts back from the device.
+            same_age: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -49,28 +82,48 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise RuntimeError(
                         "a parameter changed size without remap_entries(); its optimizer state no longer lines up"
                     )
-                grad = p.grad
-                step = state["step"].add_(1)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                first = step.view(-1)[:1]
-                if step.numel() and bool((step == first).all()):
-                    # Every entry has the same age (static masks, dense silos): torch's own
-                    # AdamW arithmetic with scalar bias corrections, no per-entry pow.
-                    t = float(first)
-                    bias_c2_sqrt = math.sqrt(1 - beta2 ** t)
-                    denom = (exp_avg_sq.sqrt() / bias_c2_sqrt).add_(eps)
-                    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** t))
-                    continue
-                bias_c1 = 1 - torch.pow(beta1, step.double())
-                bias_c2_sqrt = (1 - torch.pow(beta2, step.double())).sqrt()
-                denom = (exp_avg_sq.double().sqrt() / bias_c2_sqrt).add_(eps)
-                update = exp_avg.double() / bias_c1 / denom
-                p.sub_((lr * update).to(p.dtype))
+                age = self._age(state["step"])
+                if age is not None:
+                    self._set_age(state["step"], age + 1)
+                    same_age.setdefault((age + 1, p.device, p.dtype), []).append(p)
+                else:
+                    self._per_entry_update(p, state, group)
+            for (age, _, _), params in same_age.items():
+                self._same_age_update(params, age, group)
         return loss
+
+    def _same_age_update(self, params: list[torch.Tensor], age: int, group: dict) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, math.sqrt(1 - beta2 ** age))
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-lr / (1 - beta1 ** age))
+
+    @staticmethod
+    def _per_entry_update(p: torch.Tensor, state: dict, group: dict) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        grad = p.grad
+        step = state["step"].add_(1)
+        if wd:
+            p.mul_(1 - lr * wd)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_c1 = 1 - torch.pow(beta1, step.double())
+        bias_c2_sqrt = (1 - torch.pow(beta2, step.double())).sqrt()
+        denom = (exp_avg_sq.double().sqrt() / bias_c2_sqrt).add_(eps)
+        update = exp_avg.double() / bias_c1 / denom
+        p.sub_((lr * update).to(p.dtype))
 
     @torch.no_grad()
     def remap_entries(self, p: torch.Tensor, old_positions: torch.Tensor, new_positions: torch.Tensor) -> None:
@@ -84,4 +137,12 @@ class SparseAdamW(torch.optim.Optimizer):
         new_positions = new_positions.long()
         for key in fresh:
             fresh[key][new_positions] = old[key][old_positions]
+        # The entries' common age survives only if no fresh entry (age 0) joins older ones.
+        age = self._age(old["step"])
+        if new_positions.numel() == 0:
+            age = 0
+        elif new_positions.numel() != p.numel() and age != 0:
+            age = None
+        self._ages.pop(id(old["step"]), None)
+        self._set_age(fresh["step"], age)
         self.state[p] = fresh
