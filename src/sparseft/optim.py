@@ -119,8 +119,16 @@ class SparseAdamW(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_c1 = 1 - torch.pow(beta1, step.double())
-        bias_c2_sqrt = (1 - torch.pow(beta2, step.double())).sqrt()
+        if step.is_cuda or not step.numel():  # reading the oldest age back would sync the device
+            bias_c1 = 1 - torch.pow(beta1, step.double())
+            bias_c2_sqrt = (1 - torch.pow(beta2, step.double())).sqrt()
+        else:
+            # Bias corrections per age from a table (ages are few: at most one per step so
+            # far): the same float64 values as two pows per entry, at a fraction of the cost.
+            ages = torch.arange(int(step.max()) + 1, dtype=torch.float64)
+            at = step.long()
+            bias_c1 = (1 - torch.pow(beta1, ages))[at]
+            bias_c2_sqrt = (1 - torch.pow(beta2, ages)).sqrt()[at]
         denom = (exp_avg_sq.double().sqrt() / bias_c2_sqrt).add_(eps)
         update = exp_avg.double() / bias_c1 / denom
         p.sub_((lr * update).to(p.dtype))

@@ -1,0 +1,77 @@
+"""SparseAdamW's step against torch's AdamW on the same sparse values, interleaved.
+
+The parameters are those of ``bench_step.py``'s sparse setup (static random mask at LoRA
+r=8's count, one gradient computed once). Three optimizers step in turn, each with its own
+state: ``sparse`` (SparseAdamW: every entry has the same age, the foreach path),
+``sparse-mixed-ages`` (SparseAdamW after one fresh entry joined each parameter: the
+per-entry bias-correction path that ID3 and grow-drop take), and ``torch`` (torch.optim.AdamW,
+its default foreach implementation). Prints median milliseconds and ratios to torch's.
+
+Reproduce::
+
+    python bench/bench_optimizer.py --out bench/results/quiet/optimizer_minilm.json
+    python bench/bench_optimizer.py --model smollm2 --out bench/results/quiet/optimizer_smollm2.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_step  # noqa: E402
+
+from sparseft import SparseAdamW  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="a bench_step model: default (MiniLM) or smollm2")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    model, _, _ = bench_step.build("sparse", args.rank, args.model)
+    params = model.sparse_parameters()
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opts = {"sparse": SparseAdamW(params, lr=1e-3), "sparse-mixed-ages": SparseAdamW(params, lr=1e-3),
+            "torch": torch.optim.AdamW(params, lr=1e-3)}
+    for opt in opts.values():
+        opt.step()
+    mixed = opts["sparse-mixed-ages"]
+    for q in params:  # one entry starts afresh in every parameter: ages now differ
+        n = q.numel()
+        mixed.remap_entries(q, torch.arange(1, n), torch.arange(1, n))
+    times = {name: [] for name in opts}
+    for _ in range(args.reps):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    print(f"{args.model}: {len(params)} parameters, {sum(q.numel() for q in params):,} entries, "
+          f"{torch.get_num_threads()} threads")
+    print("| optimizer | step ms | / torch AdamW |\n|---|---|---|")
+    for name, ms in med.items():
+        print(f"| {name} | {ms:.2f} | {ms / med['torch']:.2f} |")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump({"median_ms": med, "all_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+                       "meta": {"model": args.model, "parameters": len(params), "threads": torch.get_num_threads(),
+                                "torch": torch.__version__, "argv": sys.argv[1:]}}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
