@@ -264,3 +264,17 @@ def test_training_with_the_kernel_follows_the_torch_path(gpt2_factory, monkeypat
     assert losses_native == pytest.approx(losses_torch, rel=1e-5)
     for a, b in zip(values_native, values_torch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_temp_folder_others_can_write_is_not_trusted(fresh_kernel_state, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPARSEFT_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    shared = native._temp_dir()
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # as another user could have left it
+    with pytest.raises(native.NativeBuildError, match="no writable folder"):
+        native._build(native.compiler())

@@ -4,8 +4,8 @@ torch has no CPU kernel that reads the SDDMM's operands as autograd hands them o
 (token-major); ``sampled_addmm`` needs both transposed in memory first, and on 2 cores that
 round trip was most of sparseft's step overhead. The C kernel transposes one cache-sized
 block of tokens at a time instead. It is compiled with the system C compiler (``$CC``,
-else Python's, else ``cc``) into ``$SPARSEFT_CACHE/native``, keyed on the source, the
-compiler and the CPU, once per machine (about a second); with no compiler, or a failed
+else Python's, else ``cc``) into ``$SPARSEFT_CACHE/native`` (or a temp folder only this user
+can write), keyed on the source, the compiler and the CPU, once per machine (about a second); with no compiler, or a failed
 build, sparseft warns once and keeps the pure-torch SDDMM. ``SPARSEFT_NATIVE=0`` turns the
 kernel off, ``SPARSEFT_NATIVE=1`` makes a failed build an error.
 
@@ -67,19 +67,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSEFT_CACHE") or Path.home() / ".cache" / "sparseft").expanduser() / "native"
 
 
+def _temp_dir() -> Path:
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"sparseft-native-{user}"
+
+
+def _trusted(folder: Path) -> bool:
+    """A shared temp folder is used only if it is this user's and nobody else can write
+    to it: a library loaded from it runs as this process."""
+    if folder != _temp_dir() or not hasattr(os, "getuid"):
+        return True
+    try:
+        st = folder.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _cache_dirs() -> list[Path]:
     """Where a built kernel is looked for, and built: the cache, else a per-user temp folder."""
-    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    return [cache_dir(), Path(tempfile.gettempdir()) / f"sparseft-native-{user}"]
+    return [cache_dir(), _temp_dir()]
 
 
 def _writable_dir() -> Path:
     for folder in _cache_dirs():
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:
             continue
-        if os.access(folder, os.W_OK):
+        if os.access(folder, os.W_OK) and _trusted(folder):
             return folder
     raise NativeBuildError(f"no writable folder for the compiled kernel (tried {', '.join(map(str, _cache_dirs()))})")
 
@@ -112,7 +128,7 @@ def _build(cc: list[str]) -> Path:
                                          _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
         name = f"sddmm-{key}.so"
         for folder in _cache_dirs():
-            if (folder / name).exists():
+            if (folder / name).exists() and _trusted(folder):
                 return folder / name
         target = _writable_dir() / name
         # Build beside the target, then rename: processes building at once never see half a file.
