@@ -4,9 +4,10 @@ torch has no CPU kernel that reads the SDDMM's operands as autograd hands them o
 (token-major); ``sampled_addmm`` needs both transposed in memory first, and on 2 cores that
 round trip was most of sparseft's step overhead. The C kernel transposes one cache-sized
 block of tokens at a time instead. It is compiled with the system C compiler (``$CC``,
-else Python's, else ``cc``) into ``$SPARSEFT_CACHE/native`` (or a temp folder only this user
-can write), keyed on the source, the compiler and the CPU, once per machine (about a second); with no compiler, or a failed
-build, sparseft warns once and keeps the pure-torch SDDMM. ``SPARSEFT_NATIVE=0`` turns the
+else Python's, else ``cc``) into ``$SPARSEFT_CACHE/native`` (or a temp folder only this
+user can write), keyed on the source, the compiler and the CPU, once per machine (about a
+second); with no compiler, or a failed build, sparseft warns once and keeps the
+pure-torch SDDMM. ``SPARSEFT_NATIVE=0`` turns the
 kernel off, ``SPARSEFT_NATIVE=1`` makes a failed build an error.
 
 The kernel's OpenMP regions run on torch's own thread pool: torch's libgomp.so.1 is
