@@ -31,7 +31,7 @@ SAMPLED_NS_PER_PRODUCT = 0.2
 SAMPLED_NS_PER_TRANSPOSED = 1.3
 SAMPLED_FIXED_NS = 80_000
 # Where the compiled kernel (native.py) is built, "auto" takes it for CPU float SDDMMs:
-# 0.15-0.36x sampled_addmm's time in all 17 cases of that bench at 1 and 2 threads. It
+# 0.14-0.47x sampled_addmm's time in all 17 cases of that bench at 1 and 2 threads. It
 # transposes every feature, so with fewer entries than a tenth of (rows + cols) gather,
 # which reads only the entries' features, is as fast or faster (up to 1.5x at 1 thread).
 NATIVE_GATHER_ENTRIES_PER_FEATURE = 0.1
