@@ -153,6 +153,7 @@ SDDMM_CALL_MAX_TOKENS = 8192
 # A weight with fewer rows than columns runs the batched call on its transpose (see sddmm).
 SDDMM_TRANSPOSE_WIDE = True
 _TRANSPOSE_SCRATCH = threading.local()
+_CPU_FP32 = torch.empty(0)  # what the compiled kernel's working buffers are (see _scratch_flat)
 
 
 def _scratch_flat(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
@@ -224,7 +225,6 @@ def release_scratch() -> None:
     _TRANSPOSE_SCRATCH.__dict__.pop("bufs", None)
     _REORDERED.__dict__.pop("last", None)
     _SCRATCH.__dict__.pop("bufs", None)
-    native.release_scratch()
 
 
 def _native_applies(row_factor: torch.Tensor, col_factor: torch.Tensor) -> bool:
@@ -268,7 +268,8 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
     if backend == "native":
         if _native_applies(row_factor, col_factor):
             lib = native.library()
-            return native.sddmm(row_factor, col_factor, layout.crow, layout.col, layout.weight_shape, lib).to(out_dtype)
+            return native.sddmm(row_factor, col_factor, layout.crow, layout.col, layout.weight_shape, lib,
+                                lambda slot, n: _scratch_flat(slot, n, _CPU_FP32)).to(out_dtype)
         if native.library() is None:
             raise ValueError("SDDMM backend 'native': the compiled CPU kernel is unavailable "
                              "(see the warning above, or SPARSEFT_NATIVE); use 'auto'")

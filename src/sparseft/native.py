@@ -27,6 +27,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -199,31 +200,22 @@ def supports(row_factor: torch.Tensor, col_factor: torch.Tensor) -> bool:
             and col_factor.dtype == row_factor.dtype)
 
 
-_SCRATCH = threading.local()
-
-
-def _scratch(slot: str, numel: int) -> torch.Tensor:
-    """A reused per-thread fp32 buffer of at least ``numel`` elements (grown as needed)."""
-    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
-    buf = bufs.get(slot)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[slot] = torch.empty(numel, dtype=torch.float32)
-    return buf
-
-
-def release_scratch() -> None:
-    _SCRATCH.__dict__.pop("bufs", None)
-
-
 def _token_major(a: torch.Tensor) -> torch.Tensor:
     a = a if a.dtype == torch.float32 else a.float()
     return a if a.stride(1) == 1 and a.stride(0) >= a.shape[1] else a.contiguous()
 
 
+def _fresh_buffer(slot: str, numel: int) -> torch.Tensor:
+    return torch.empty(numel, dtype=torch.float32)
+
+
 def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-          weight_shape: tuple[int, int], lib: ctypes.CDLL) -> torch.Tensor:
+          weight_shape: tuple[int, int], lib: ctypes.CDLL,
+          buffer: Callable[[str, int], torch.Tensor] = _fresh_buffer) -> torch.Tensor:
     """out[e] = sum_t row_factor[t, row(e)] * col_factor[t, col[e]] over the CSR pattern
-    (int32 ``crow``/``col``), in fp32."""
+    (int32 ``crow``/``col``), in fp32. ``buffer(slot, numel)`` gives the kernel's working
+    memory (contiguous CPU fp32, at least ``numel``): fresh by default, the caller's reused
+    per-thread buffers in ``delta.sddmm``."""
     rows, cols = weight_shape
     tokens = row_factor.shape[0]
     # The kernel trusts its arguments: check what would make it read out of bounds.
@@ -237,8 +229,8 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, crow: torch.Tensor
     entries = col.numel()
     threads = max(1, torch.get_num_threads())
     out = torch.empty(entries, dtype=torch.float32)
-    partials = _scratch("partials", (threads - 1) * entries)
-    scratch = _scratch("blocks", threads * int(lib.sparseft_block_tokens()) * (rows + cols))
+    partials = buffer("native-partials", (threads - 1) * entries)
+    scratch = buffer("native-blocks", threads * int(lib.sparseft_block_tokens()) * (rows + cols))
     lib.sparseft_sddmm_f32(tokens, rows, cols, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0),
                            crow.data_ptr(), col.data_ptr(), entries, out.data_ptr(), partials.data_ptr(),
                            scratch.data_ptr(), threads)
