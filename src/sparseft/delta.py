@@ -227,11 +227,13 @@ def release_scratch() -> None:
     _SCRATCH.__dict__.pop("bufs", None)
 
 
-def _native_applies(row_factor: torch.Tensor, col_factor: torch.Tensor) -> bool:
-    """The compiled CPU kernel takes these factors: CPU floats, not under a double backward
-    (it has no derivative), and it is built."""
+def _native_kernel(row_factor: torch.Tensor, col_factor: torch.Tensor):
+    """The compiled CPU kernel if it takes these factors (CPU floats, not under a double
+    backward: it has no derivative) and is built, else None."""
     differentiable = torch.is_grad_enabled() and (row_factor.requires_grad or col_factor.requires_grad)
-    return not differentiable and native.supports(row_factor, col_factor) and native.library() is not None
+    if differentiable or not native.supports(row_factor, col_factor):
+        return None
+    return native.library()
 
 
 def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayout, backend: str,
@@ -248,6 +250,7 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
         # Every entry is indexed, in flat order: the dense weight gradient is the answer.
         return row_factor.t().matmul(col_factor).reshape(-1)
     tokens = row_factor.shape[0]
+    kernel = None
     if backend == "auto":
         if row_factor.is_cuda:
             # On a GPU the dense weight gradient is one matmul; reading k entries from it beat
@@ -257,7 +260,8 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
             backend = "sampled_addmm" if large_fp32 else "dense"
         else:
             rows, cols = layout.weight_shape
-            if not _native_applies(row_factor, col_factor):
+            kernel = _native_kernel(row_factor, col_factor)
+            if kernel is None:
                 backend = "gather" if gather_is_cheaper(tokens, layout.numel, rows, cols) else "sampled_addmm"
             elif (layout.numel < NATIVE_GATHER_ENTRIES_PER_FEATURE * (rows + cols)
                   and tokens * layout.numel <= GATHER_AUTO_LIMIT):
@@ -266,9 +270,10 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
                 backend = "native"
     out_dtype = row_factor.dtype
     if backend == "native":
-        if _native_applies(row_factor, col_factor):
-            lib = native.library()
-            return native.sddmm(row_factor, col_factor, layout.crow, layout.col, layout.weight_shape, lib,
+        if kernel is None:  # asked for by name, not chosen by auto above
+            kernel = _native_kernel(row_factor, col_factor)
+        if kernel is not None:
+            return native.sddmm(row_factor, col_factor, layout.crow, layout.col, layout.weight_shape, kernel,
                                 lambda slot, n: _scratch_flat(slot, n, _CPU_FP32)).to(out_dtype)
         if native.library() is None:
             raise ValueError("SDDMM backend 'native': the compiled CPU kernel is unavailable "
