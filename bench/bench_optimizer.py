@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -35,11 +34,9 @@ def main() -> None:
     p.add_argument("--model", default="default", help="a bench_step model: default (MiniLM) or smollm2")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default="")
+    bench_step.add_timing_options(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = bench_step.apply_timing_options(args)
     warnings.filterwarnings("ignore")
     model, _, _ = bench_step.build("sparse", args.rank, args.model)
     params = model.sparse_parameters()
@@ -56,9 +53,9 @@ def main() -> None:
     times = {name: [] for name in opts}
     for _ in range(args.reps):
         for name, opt in opts.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             opt.step()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     print(f"{args.model}: {len(params)} parameters, {sum(q.numel() for q in params):,} entries, "
           f"{torch.get_num_threads()} threads")
@@ -70,7 +67,7 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump({"median_ms": med, "all_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
                        "meta": {"model": args.model, "parameters": len(params), "threads": torch.get_num_threads(),
-                                "torch": torch.__version__, "argv": sys.argv[1:]}}, fh, indent=2)
+                                "clock": args.clock, "torch": torch.__version__, "argv": sys.argv[1:]}}, fh, indent=2)
 
 
 if __name__ == "__main__":
