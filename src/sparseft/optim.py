@@ -47,10 +47,11 @@ class SparseAdamW(torch.optim.Optimizer):
         from the tensor (one device sync) when the state is new to it (restored from a
         checkpoint or a state dict, or replaced by other code)."""
         known = self._ages.get(id(step))
-        if known is None or known[0]() is not step:
-            known = (None, self._common_age(step))
-            self._set_age(step, known[1])
-        return known[1]
+        if known is not None and known[0]() is step:
+            return known[1]
+        age = self._common_age(step)
+        self._set_age(step, age)
+        return age
 
     @staticmethod
     def _common_age(step: torch.Tensor) -> int | None:
