@@ -31,7 +31,7 @@ def load_model(name: str):
 
     logging.set_verbosity_error()
     if name == "smollm2":
-        from sparseft.pretrained import load_causal_lm
+        from sparseft.app.pretrained import load_causal_lm
 
         model = load_causal_lm("smollm2")[0].float().eval()  # the fp32 folder converted once from the GGUF
         # Its weights are a copy-on-write mapping of the safetensors file, paged in on first
@@ -53,7 +53,7 @@ def load_model(name: str):
         if hasattr(model, "is_quantized"):
             model.is_quantized = False
     elif name == "minilm":
-        from sparseft.data import default_encoder_dir
+        from sparseft.app.data import default_encoder_dir
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(default_encoder_dir(), num_labels=2)

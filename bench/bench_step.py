@@ -82,11 +82,11 @@ def load_base(model_name: str = "default", device: str = "cpu", dtype: torch.dty
 
     torch.manual_seed(0)
     if model_name == "default":
-        from sparseft.pretrained import load_classifier
+        from sparseft.app.pretrained import load_classifier
 
         model, _, _ = load_classifier("default", num_labels=2)
     elif model_name == "smollm2":
-        from sparseft.pretrained import load_causal_lm
+        from sparseft.app.pretrained import load_causal_lm
 
         model, _ = load_causal_lm("smollm2")
     elif model_name == "minilm-random":

@@ -22,8 +22,6 @@ import time
 import torch
 
 from sparseft import delta
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="384x384,1536x384,576x1536")

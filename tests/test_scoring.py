@@ -52,7 +52,9 @@ def reference_mean_grad(plain, names, batches, dtype=torch.float32):
     return plain, [w.grad.detach().clone() for w in weights]
 
 
-def assert_scores_close(got: dict, ref: list, names, rtol=1e-5, atol_frac=1e-6):
+# atol is relative to each matrix's largest score: fp32 sums in another order differ by a
+# few ulps on entries near zero (1e-6 of the largest score was one ulp too tight there).
+def assert_scores_close(got: dict, ref: list, names, rtol=1e-5, atol_frac=1e-5):
     for name, r in zip(names, ref):
         r = r.reshape(-1).float()
         scale = float(r.abs().max()) or 1.0

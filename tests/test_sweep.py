@@ -4,7 +4,7 @@ import json
 import pytest
 
 from _tiny import sentiment_rows, tiny_bert_dir, tiny_llama_dir, write_rows
-from sparseft.cli import main
+from sparseft.app.cli import main
 
 pytest.importorskip("peft")
 
@@ -88,7 +88,7 @@ def test_generation_from_user_files_on_a_tiny_causal_lm(folders, tmp_path, metho
     assert m["head_params"] == 0 and m["trainable_params"] > 0
     assert len(m["test"]["examples"]) == 5 and {"target", "generated", "match"} <= m["test"]["examples"][0].keys()
     if method == "random":  # a sparse adapter re-scores to the same number
-        from sparseft.runner import evaluate_adapter
+        from sparseft.app.runner import evaluate_adapter
 
         again = evaluate_adapter(str(out / "adapter"))
         assert again["score"] == m["score"] and again["metric"] == "exact_match"
@@ -107,7 +107,7 @@ def test_user_generation_file_errors_name_line_and_column(folders, tmp_path, cap
 def test_lm_blocks_keep_every_token_and_mask_prompts(folders):
     from transformers import AutoTokenizer
 
-    from sparseft.lmtasks import Pair, encode_training
+    from sparseft.app.lmtasks import Pair, encode_training
 
     tok = AutoTokenizer.from_pretrained(folders / "llama")
     words = " ".join(["good movie"] * 10)  # 20 tokens + eos
@@ -118,15 +118,15 @@ def test_lm_blocks_keep_every_token_and_mask_prompts(folders):
 
 
 def test_normalize_answer():
-    from sparseft.lmtasks import normalize_answer
+    from sparseft.app.lmtasks import normalize_answer
 
     assert normalize_answer("  Positive.\nbecause") == "positive"
     assert normalize_answer("") == ""
 
 
 def test_smollm2_missing_package_is_a_clear_error(monkeypatch, tmp_path):
-    from sparseft import pretrained
-    from sparseft.data import DataError
+    from sparseft.app import pretrained
+    from sparseft.app.data import DataError
 
     monkeypatch.setattr(pretrained, "SMOLLM2_PACKAGE", "no_such_package_xyz")
     with pytest.raises(DataError, match="not installed"):
@@ -139,7 +139,7 @@ def test_perplexity_in_slices_equals_the_whole_batch(tiny_gpt2, monkeypatch):
 
     import torch
 
-    from sparseft import lmtasks
+    from sparseft.app import lmtasks
 
     gen = torch.Generator().manual_seed(0)
     items = []

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from .model import get_sparse_model
-from .train import train
+from ..model import get_sparse_model
+from ..train import train
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _calibration(train_loader, spec) -> list[dict] | None:
     loader's own shuffling generator is left untouched)."""
     from torch.utils.data import DataLoader
 
-    from .config import CALIBRATION_METHODS
+    from ..config import CALIBRATION_METHODS
 
     if spec.sparse.method not in CALIBRATION_METHODS:
         return None
@@ -171,9 +171,9 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_causal_adapter(adapter: str, opts, model: str, force: bool, seed: int) -> dict[str, Any]:
     """Re-score a sparse adapter trained on a causal-LM task."""
-    from .model import SparseModel
+    from ..model import SparseModel
     from .runner import RunSpec
-    from .train import TrainingArguments
+    from ..train import TrainingArguments
 
     setup = _prepare_causal(RunSpec(out="", model=model, data=opts, training=TrainingArguments(seed=seed)))
     sparse = SparseModel.from_pretrained(setup.base, adapter, force=force)

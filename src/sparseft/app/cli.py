@@ -5,10 +5,10 @@ import argparse
 import json
 import sys
 
-from .config import DROP_POLICIES, KNOWN_METHODS, SCHEDULES, ConfigError, SparseConfig
+from ..config import DROP_POLICIES, KNOWN_METHODS, SCHEDULES, ConfigError, SparseConfig
 from .data import DataError
-from .checkpoint import CheckpointError
-from .model import AdapterError
+from ..checkpoint import CheckpointError
+from ..model import AdapterError
 
 BASELINE_METHODS = ("lora", "full", "shira", "supertuning")  # == baselines.BASELINE_METHODS (no peft import here)
 
@@ -158,7 +158,7 @@ def _targets(value: str):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .runner import DEFAULT_HEAD_LR, RunSpec, default_lr, resume_training, run_training
-    from .train import TrainingArguments
+    from ..train import TrainingArguments
 
     if ns.resume:
         return _report(resume_training(ns.resume), ns.resume)

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from . import native
-from .config import CALIBRATION_METHODS, KNOWN_METHODS, SparseConfig
-from .model import SparseModel, get_sparse_model, read_adapter
+from .. import native
+from ..config import CALIBRATION_METHODS, KNOWN_METHODS, SparseConfig
+from ..model import SparseModel, get_sparse_model, read_adapter
 from .pretrained import DEFAULT_MODEL, load_classifier
 from .tasks import TaskData, evaluate_classifier, get_task, majority_rate, make_loader, task_from_files
-from .train import PeakMemory, TrainingArguments, peak_rss_mb, train
+from ..train import PeakMemory, TrainingArguments, peak_rss_mb, train
 
 # Random masking needs a much larger rate than full fine-tuning (Xu & Zhang 2024); the
 # other scorers train just as few entries and get the same default.
@@ -116,7 +116,7 @@ def spec_from_dict(data: dict[str, Any]) -> RunSpec:
 
 def resume_training(run_dir: str) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its newest complete checkpoint."""
-    from .checkpoint import latest_checkpoint
+    from ..checkpoint import latest_checkpoint
 
     spec_path = Path(run_dir) / SPEC_NAME
     if not spec_path.is_file():

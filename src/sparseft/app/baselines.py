@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
-from .delta import linear_shape
-from .inject import find_target_modules, output_head_names
+from ..config import ConfigError
+from ..delta import linear_shape
+from ..inject import find_target_modules, output_head_names
 
 BASELINE_METHODS = ("lora", "full", "shira", "supertuning")
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "shira": 5e-3, "supertuning": 5e-3}

@@ -188,5 +188,5 @@ def _execute(argv: list[str], isolate: bool, folder: Path) -> int:
         return main(argv)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "log.txt", "w") as log:
-        return subprocess.call([sys.executable, "-m", "sparseft.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.call([sys.executable, "-m", "sparseft.app.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                                env=os.environ.copy())
