@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sparseft.app.harness import prepare
-from sparseft.app.runner import RunSpec, TaskOptions
+from sparseft.app.prepare import prepare
+from sparseft.app.spec import RunSpec, TaskOptions
 from sparseft.train import TrainingArguments
 
 

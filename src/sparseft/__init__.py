@@ -1,6 +1,5 @@
 """sparseft: sparse fine-tuning of transformer language models."""
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import ConfigError, SparseConfig
 from .delta import SparseDeltaLayer
 from .model import AdapterError, SparseModel, get_sparse_model

@@ -1,8 +1,9 @@
 """Training checkpoints: everything needed to continue a run bit for bit.
 
 A checkpoint is a folder ``checkpoint-<step>`` holding the adapter (indices, values,
-task heads), the optimizer's per-entry state, and ``state.json`` (scheduler, method,
-data position, RNG states). It is written under a temporary name, fsynced, and renamed
+task heads; for any other model, such as a LoRA baseline, its trainable parameters by
+name), the optimizer's per-entry state, and ``state.json`` (scheduler, method, data
+position, RNG states). It is written under a temporary name, fsynced, and renamed
 into place, so a crash mid-save never leaves a half-written "latest" checkpoint: the
 newest complete folder is always the one loaded. Only safetensors and JSON are read
 back; nothing is unpickled.
@@ -28,6 +29,7 @@ STATE_NAME = "state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
 METHOD_NAME = "method.safetensors"
+TRAINABLE_NAME = "trainable.safetensors"  # models other than a SparseModel
 
 
 class CheckpointError(RuntimeError):
@@ -108,6 +110,41 @@ def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None
     random.setstate((version, tuple(internal), gauss))
 
 
+def _save_trained(model: Any, folder: Path) -> None:
+    """A SparseModel's adapter; for any other model (a baseline, a dense fine-tune) every
+    trainable parameter by name."""
+    if isinstance(model, SparseModel):
+        model.save_pretrained(folder / "adapter")
+    else:
+        trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, str(folder / TRAINABLE_NAME))
+
+
+def _read_trained(model: Any, folder: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    if isinstance(model, SparseModel):
+        return read_adapter(folder / "adapter")
+    return None, load_file(str(folder / TRAINABLE_NAME))
+
+
+def _load_trained(model: Any, meta: dict[str, Any] | None, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    if isinstance(model, SparseModel):
+        layers = model.sparse_layers()
+        if set(meta["targets"]) != set(layers):
+            raise CheckpointError(f"checkpoint {folder} targets other modules than this model")
+        for layer in layers.values():
+            layer.restore_base()  # folds are replayed from the checkpoint's record onto W0
+        _load_tensors(model, tensors)
+        return
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(trainable):
+        raise CheckpointError(f"checkpoint {folder} holds other trainable parameters than this model")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            if tensors[name].shape != param.shape:
+                raise CheckpointError(f"checkpoint {folder}: {name} has another shape than this model's")
+            param.copy_(tensors[name])
+
+
 def save_checkpoint(
     root: str | os.PathLike, step: int, model: SparseModel, optimizer: torch.optim.Optimizer,
     scheduler: Any, loop_state: dict[str, Any], generator: torch.Generator | None = None, keep_last: int = 3,
@@ -121,7 +158,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp / "adapter")
+        _save_trained(model, tmp)
         opt_tensors, opt_groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / OPTIMIZER_NAME))
         rng_tensors, rng_info = _rng_state()
@@ -177,18 +214,13 @@ def load_checkpoint(
     folder = Path(folder)
     try:
         state = json.loads((folder / STATE_NAME).read_text())
-        meta, tensors = read_adapter(folder / "adapter")
+        meta, tensors = _read_trained(model, folder)
         opt_tensors = load_file(str(folder / OPTIMIZER_NAME))
         rng_tensors = load_file(str(folder / RNG_NAME))
         method_tensors = load_file(str(folder / METHOD_NAME))
     except (OSError, json.JSONDecodeError, AdapterError, SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {folder} cannot be read: {err}") from None
-    layers = model.sparse_layers()
-    if set(meta["targets"]) != set(layers):
-        raise CheckpointError(f"checkpoint {folder} targets other modules than this model")
-    for layer in layers.values():
-        layer.restore_base()  # folds are replayed from the checkpoint's record onto W0
-    _load_tensors(model, tensors)
+    _load_trained(model, meta, tensors, folder)
     _restore_optimizer(optimizer, opt_tensors, state["optimizer_groups"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])

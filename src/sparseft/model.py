@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .config import ConfigError, SparseConfig
 from .delta import SparseDeltaLayer, linear_shape, validate_indices
 from .inject import default_modules_to_save, find_target_modules, unwrap_modules, wrap_modules

@@ -1,4 +1,4 @@
-"""Baselines in the same harness as the sparse methods: LoRA, full fine-tuning, and
+"""Baselines in the same pipeline as the sparse methods: LoRA, full fine-tuning, and
 peft's own sparse methods SHiRA and Super-Tuning (outside references).
 
 Each baseline targets exactly the modules a sparse run would (``find_target_modules``
@@ -101,7 +101,7 @@ def _peft():
 
 
 class BaselineModel(nn.Module):
-    """A model trained by a baseline method, with the SparseModel-like bits the harness uses."""
+    """A model trained by a baseline method, with the SparseModel-like bits the runner uses."""
 
     def __init__(self, model: nn.Module, cfg: BaselineConfig, target_names: list[str], info: dict[str, Any]):
         super().__init__()
@@ -181,3 +181,11 @@ def get_baseline_model(base: nn.Module, cfg: BaselineConfig) -> BaselineModel:
         info["density"] = density
     model = peft.get_peft_model(base, pcfg)
     return BaselineModel(model, cfg, names, info)
+
+
+def load_baseline(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """The baseline adapter folder ``path`` (peft's, written by ``BaselineModel.save``) on
+    ``base``, in eval mode: what ``sparseft eval`` scores."""
+    model = _peft().PeftModel.from_pretrained(base, str(path))
+    model.eval()
+    return model

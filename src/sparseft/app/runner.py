@@ -1,24 +1,35 @@
-"""One experiment end to end: task + model + method -> trained adapter and metrics.json.
+"""The one pipeline behind every ``sparseft train`` run: task + model + method ->
+trained adapter and ``metrics.json``.
 
-The CLI's ``train`` and ``eval`` commands (and sweeps) are thin layers over this.
+Sparse methods and baselines (LoRA, full, SHiRA, Super-Tuning), classification and
+causal-LM tasks all go through ``run_training``: the same seeded calibration order
+(``prepare.calibration_order``), the same checkpoints and ``--resume``, the same
+metrics.json fields. The CLI's ``train`` and ``eval`` commands and sweeps are thin
+layers over this module.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import native
-from ..config import CALIBRATION_METHODS, KNOWN_METHODS, SparseConfig
+from ..checkpoint import latest_checkpoint
+from ..config import CALIBRATION_METHODS, KNOWN_METHODS
 from ..model import SparseModel, get_sparse_model, read_adapter
-from .pretrained import DEFAULT_MODEL, load_classifier
-from .tasks import TaskData, evaluate_classifier, get_task, majority_rate, make_loader, task_from_files
 from ..train import PeakMemory, TrainingArguments, peak_rss_mb, train
+from .baselines import DEFAULT_LR as BASELINE_LR
+from .baselines import get_baseline_model, load_baseline
+from .prepare import Setup, calibration_batches, prepare
+from .pretrained import DEFAULT_MODEL
+from .spec import RunSpec, TaskOptions, resolve_device, spec_from_dict, spec_to_dict
+
+__all__ = ["RunSpec", "TaskOptions", "run_training", "resume_training", "evaluate_adapter", "default_lr"]
 
 # Random masking needs a much larger rate than full fine-tuning (Xu & Zhang 2024); the
 # other scorers train just as few entries and get the same default.
@@ -26,46 +37,15 @@ DEFAULT_LR = {m: 5e-3 for m in KNOWN_METHODS}
 FALLBACK_LR = 2e-3
 DEFAULT_HEAD_LR = 2e-3
 
-
-@dataclass
-class TaskOptions:
-    task: str = "rt-sentiment"
-    train_file: str | None = None
-    eval_file: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    max_length: int = 64
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    # causal-LM generation tasks from your own files (harness.py / lmtasks.py)
-    prompt_column: str | None = None
-    target_column: str | None = None
-    max_new_tokens: int = 8
-    # Batch size of the calibration passes (default: batch_size). Selection memory is the
-    # score buffers plus one calibration batch's activations: smaller batches, less memory.
-    calib_batch_size: int | None = None
+SPEC_NAME = "run_spec.json"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+# A baseline's adapter is peft's folder; this file beside it says how to rebuild its run.
+BASELINE_RECORD = "sparseft_run.json"
 
 
-@dataclass
-class RunSpec:
-    out: str
-    model: str = DEFAULT_MODEL
-    data: TaskOptions = field(default_factory=TaskOptions)
-    sparse: SparseConfig = field(default_factory=SparseConfig)
-    training: TrainingArguments = field(default_factory=TrainingArguments)
-    baseline: Any = None  # a baselines.BaselineConfig: train LoRA/full/SHiRA/... instead
-    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when available)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch build or machine has no CUDA device")
-    return device
+def default_lr(method: str) -> float:
+    return DEFAULT_LR.get(method, BASELINE_LR.get(method, FALLBACK_LR))
 
 
 def reset_gpu_peak(device: torch.device) -> None:
@@ -77,47 +57,8 @@ def gpu_peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def default_lr(method: str) -> float:
-    from .baselines import DEFAULT_LR as BASELINE_LR
-
-    return DEFAULT_LR.get(method, BASELINE_LR.get(method, FALLBACK_LR))
-
-
-def load_task(opts: TaskOptions, seed: int) -> TaskData:
-    if opts.train_file or opts.eval_file:
-        if not (opts.train_file and opts.eval_file):
-            raise ValueError("--train-file and --eval-file go together")
-        return task_from_files(opts.train_file, opts.eval_file, opts.text_column, opts.label_column)
-    return get_task(opts.task, seed=seed, max_train_examples=opts.max_train_examples,
-                    max_eval_examples=opts.max_eval_examples)
-
-
-def _evaluate_splits(model, task: TaskData, tokenizer, opts: TaskOptions) -> dict[str, dict[str, float]]:
-    return {
-        split: evaluate_classifier(model, make_loader(getattr(task, split), tokenizer, opts.eval_batch_size, opts.max_length))
-        for split in ("validation", "test")
-    }
-
-
-SPEC_NAME = "run_spec.json"
-CHECKPOINTS = "checkpoints"
-
-
-def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
-    return {"out": spec.out, "model": spec.model, "data": asdict(spec.data),
-            "sparse": spec.sparse.to_dict(), "training": asdict(spec.training), "device": spec.device}
-
-
-def spec_from_dict(data: dict[str, Any]) -> RunSpec:
-    return RunSpec(out=data["out"], model=data["model"], data=TaskOptions(**data["data"]),
-                   sparse=SparseConfig.from_dict(data["sparse"]), training=TrainingArguments(**data["training"]),
-                   device=data.get("device", "cpu"))
-
-
 def resume_training(run_dir: str) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its newest complete checkpoint."""
-    from ..checkpoint import latest_checkpoint
-
     spec_path = Path(run_dir) / SPEC_NAME
     if not spec_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no {SPEC_NAME}: not a sparseft run folder")
@@ -129,53 +70,66 @@ def resume_training(run_dir: str) -> dict[str, Any]:
     return run_training(spec, resume_from=str(found))
 
 
-def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any]:
-    """Train one sparse fine-tune and write ``<out>/metrics.json`` and ``<out>/adapter/``."""
-    from .harness import is_causal_run, run_experiment
+def uses_calibration(spec: RunSpec) -> bool:
+    return spec.baseline is None and spec.sparse.method in CALIBRATION_METHODS
 
-    if spec.baseline is not None or is_causal_run(spec):  # baselines, causal-LM tasks
-        if resume_from is not None:
-            raise ValueError("--resume supports sparse runs on classification tasks; this run is a baseline or a causal-LM task")
-        return run_experiment(spec)
+
+def _build_model(spec: RunSpec, setup: Setup):
+    """The trainable model, its optimizer (None: ``train``'s SparseAdamW) and the method's
+    config as recorded in metrics.json."""
+    if spec.baseline is not None:
+        if not spec.baseline.modules_to_save:
+            spec.baseline.modules_to_save = list(setup.new_heads)
+        model = get_baseline_model(setup.base, spec.baseline)
+        optimizer = model.create_optimizer(spec.training.lr, spec.training.weight_decay, spec.training.head_lr)
+        return model, optimizer, {**spec.baseline.to_dict(), **model.info}
+    if not spec.sparse.modules_to_save:
+        spec.sparse.modules_to_save = list(setup.new_heads)
+    calibration = None
+    if uses_calibration(spec):
+        calibration = calibration_batches(setup.train_loader, spec.sparse.calib_examples,
+                                          spec.data.calib_batch_size or spec.data.batch_size, spec.training.seed)
+    model = get_sparse_model(setup.base, spec.sparse, calibration_data=calibration)
+    return model, None, spec.sparse.to_dict()
+
+
+def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any]:
+    """Train one run and write ``<out>/metrics.json`` and ``<out>/adapter/``; with
+    ``spec.training.save_every``, checkpoints under ``<out>/checkpoints/`` that
+    ``resume_from`` (one of them) continues from."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
         write_json(out / SPEC_NAME, spec_to_dict(spec))
     seed = spec.training.seed
     torch.manual_seed(seed)
-    task = load_task(spec.data, seed)
     device = resolve_device(spec.device)
-    base, tokenizer, new_heads = load_classifier(spec.model, task.num_labels)
-    base.to(device)
-    if not spec.sparse.modules_to_save:
-        spec.sparse.modules_to_save = new_heads
-    calibration = calibration_batches(task, tokenizer, spec) if spec.sparse.method in CALIBRATION_METHODS else None
+    setup = prepare(spec)
+    setup.base.to(device)
     select_start = time.perf_counter()
     reset_gpu_peak(device)
     with PeakMemory() as select_mem:
-        model = get_sparse_model(base, spec.sparse, calibration_data=calibration)
+        model, optimizer, config = _build_model(spec, setup)
     select_seconds = time.perf_counter() - select_start
     select_gpu_mb = gpu_peak_mb(device)
     reset_gpu_peak(device)
-    del calibration
-    train_loader = make_loader(task.train, tokenizer, spec.data.batch_size, spec.data.max_length, shuffle=True, seed=seed)
-    val_loader = make_loader(task.validation, tokenizer, spec.data.eval_batch_size, spec.data.max_length)
-    result = train(model, train_loader, spec.training, eval_fn=lambda: evaluate_classifier(model, val_loader),
+    result = train(model, setup.train_loader, spec.training, optimizer=optimizer,
+                   eval_fn=lambda: _without_examples(setup.evaluate(model, "validation")),
                    checkpoint_dir=str(out / CHECKPOINTS), resume_from=resume_from)
-    scores = _evaluate_splits(model, task, tokenizer, spec.data)
-    adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir, extra_metadata={"sparseft_run": _run_record(spec, task)})
+    scores = {split: setup.evaluate(model, split) for split in ("validation", "test")}
+    adapter_bytes = _save_adapter(model, spec, setup, out / ADAPTER)
     summary = model.trainable_summary()
     metrics = {
-        "task": task.name,
-        "method": spec.sparse.method,
+        "task": setup.task_name,
+        "method": spec.method,
         "model": spec.model,
-        "metric": task.metric,
-        "score": scores["test"][task.metric],
-        "validation_score": scores["validation"][task.metric],
+        "metric": setup.metric,
+        "higher_is_better": setup.higher_is_better,
+        "score": scores["test"][setup.metric],
+        "validation_score": scores["validation"][setup.metric],
         "test": scores["test"],
         "validation": scores["validation"],
-        "majority_rate": majority_rate(task.test),
+        "majority_rate": setup.majority_rate,
         "trainable_params": summary["sparse_params"],
         "head_params": summary["head_params"],
         "targeted_weights": summary["targeted_weights"],
@@ -184,20 +138,44 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
         "selection_seconds": select_seconds,
         "selection_extra_rss_mb": select_mem.extra_mb,
         "selection_peak_gpu_mb": select_gpu_mb,
-        "calibration_examples": min(spec.sparse.calib_examples, len(task.train))
-        if spec.sparse.method in CALIBRATION_METHODS else 0,
-        "folded_params": model.num_folded_params(),
-        "mask_updates": getattr(model.method, "history", []),
-        "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.iterdir()),
-        "config": spec.sparse.to_dict(),
+        "calibration_examples": min(spec.sparse.calib_examples, len(setup.train_loader.dataset))
+        if uses_calibration(spec) else 0,
+        "folded_params": model.num_folded_params() if isinstance(model, SparseModel) else 0,
+        "mask_updates": getattr(getattr(model, "method", None), "history", []),
+        "adapter_bytes": adapter_bytes,
+        "config": config,
     }
     metrics.update(run_metrics(spec, result))
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
+def _run_record(spec: RunSpec, setup: Setup) -> dict[str, Any]:
+    """What ``eval`` needs to rebuild the model and data without being told again."""
+    return {"model": spec.model, "task": setup.task_name, "max_length": spec.data.max_length,
+            "data": asdict(spec.data), "seed": spec.training.seed, **setup.record}
+
+
+def _save_adapter(model, spec: RunSpec, setup: Setup, folder: Path) -> int:
+    """Write the adapter; returns its size in bytes. Full fine-tuning writes none (a whole
+    model per run) and reports the size its trainable tensors would take."""
+    record = _run_record(spec, setup)
+    if spec.baseline is None:
+        model.save_pretrained(folder, extra_metadata={"sparseft_run": record})
+    else:
+        written = model.save(folder)
+        if spec.baseline.method == "full":
+            return written
+        write_json(folder / BASELINE_RECORD, {**record, "baseline": spec.baseline.to_dict()})
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def _without_examples(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "examples"}
+
+
 def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
-    """The metrics every run reports, whatever it trains (shared with harness.py)."""
+    """The training-side metrics: speed, memory, loss, environment."""
     device = resolve_device(spec.device)
     return {
         "steps": result.steps,
@@ -226,39 +204,34 @@ def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
     }
 
 
-def calibration_batches(task: TaskData, tokenizer, spec: RunSpec) -> list[dict]:
-    """The first ``calib_examples`` training examples in a seeded order (capped by the
-    training set), batched like training batches, labels included."""
-    n = min(spec.sparse.calib_examples, len(task.train))
-    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(spec.training.seed))[:n]
-    examples = [task.train[i] for i in order.tolist()]
-    return list(make_loader(examples, tokenizer, spec.data.calib_batch_size or spec.data.batch_size, spec.data.max_length))
-
-
-def _run_record(spec: RunSpec, task: TaskData) -> dict[str, Any]:
-    """What ``eval`` needs to rebuild the model and data without being told again."""
-    return {"model": spec.model, "task": task.name, "label_names": task.label_names,
-            "max_length": spec.data.max_length, "data": asdict(spec.data), "seed": spec.training.seed}
+def adapter_record(adapter: str | os.PathLike) -> dict[str, Any]:
+    """The run record an adapter folder keeps (model, task, data options, seed; a
+    baseline's also its config under ``baseline``)."""
+    sidecar = Path(adapter) / BASELINE_RECORD
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    meta, _ = read_adapter(adapter)
+    return meta.get("sparseft_run", {})
 
 
 def evaluate_adapter(adapter: str, opts: TaskOptions | None = None, model: str | None = None,
                      force: bool = False, seed: int | None = None) -> dict[str, Any]:
-    """Re-score a saved adapter on its task (or the one given)."""
-    meta, _ = read_adapter(adapter)
-    record = meta.get("sparseft_run", {})
+    """Re-score a saved adapter (sparse or baseline) on its task (or the one given)."""
+    record = adapter_record(adapter)
     if opts is None:
-        opts = TaskOptions(**record.get("data", {})) if record.get("data") else TaskOptions()
+        opts = TaskOptions(**record["data"]) if record.get("data") else TaskOptions()
     seed = record.get("seed", 0) if seed is None else seed
-    from .harness import evaluate_causal_adapter, is_causal_run
-
-    if is_causal_run(RunSpec(out="", data=opts)):  # causal-LM tasks (harness.py)
-        return evaluate_causal_adapter(adapter, opts, model or record.get("model", DEFAULT_MODEL), force, seed)
-    task = load_task(opts, seed)
-    base, tokenizer, _ = load_classifier(model or record.get("model", DEFAULT_MODEL), task.num_labels)
-    sparse = SparseModel.from_pretrained(base, adapter, force=force)
-    scores = _evaluate_splits(sparse, task, tokenizer, opts)
-    return {"adapter": str(adapter), "task": task.name, "metric": task.metric,
-            "score": scores["test"][task.metric], **scores}
+    spec = RunSpec(out="", model=model or record.get("model", DEFAULT_MODEL), data=opts,
+                   training=TrainingArguments(seed=seed))
+    torch.manual_seed(seed)
+    setup = prepare(spec)
+    if "baseline" in record:
+        tuned = load_baseline(setup.base, adapter)
+    else:
+        tuned = SparseModel.from_pretrained(setup.base, adapter, force=force)
+    scores = {split: setup.evaluate(tuned, split) for split in ("validation", "test")}
+    return {"adapter": str(adapter), "task": setup.task_name, "metric": setup.metric,
+            "score": scores["test"][setup.metric], **scores}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

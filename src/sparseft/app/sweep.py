@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataError
+from .options import train_from_argv
 
 BUDGET_KEYS = ("match_lora_rank", "density", "num_params")
 NO_BUDGET = ("full",)
@@ -161,7 +162,7 @@ def run_sweep(grid_path: str | Path, dry_run: bool = False, log=print) -> Path:
             continue
         else:
             log(f"[{i}/{len(runs)}] {run.name}")
-            code = _execute(run.argv, isolate, out / run.name)
+            code = _execute(run.argv, isolate, out / run.name, log)
             if code != 0 or not metrics_path.is_file():
                 failures.append(run.name)
                 log(f"  failed (exit {code}); see {out / run.name / 'log.txt'}" if isolate else f"  failed (exit {code})")
@@ -181,11 +182,18 @@ def run_sweep(grid_path: str | Path, dry_run: bool = False, log=print) -> Path:
     return results
 
 
-def _execute(argv: list[str], isolate: bool, folder: Path) -> int:
+def _execute(argv: list[str], isolate: bool, folder: Path, log=print) -> int:
+    """Run one ``train`` command line: in a child process (its output in ``log.txt``), or
+    in this process (``isolate: false``); returns its exit status."""
     if not isolate:
-        from .cli import main
-
-        return main(argv)
+        try:
+            train_from_argv(argv)
+        except SystemExit as stop:  # the parser refused the command line (it printed why)
+            return stop.code if isinstance(stop.code, int) else 2
+        except Exception as err:  # one failed run must not stop the others
+            log(f"  error: {type(err).__name__}: {err}")
+            return 2
+        return 0
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "log.txt", "w") as log:
         return subprocess.call([sys.executable, "-m", "sparseft.app.cli", *argv], stdout=log, stderr=subprocess.STDOUT,

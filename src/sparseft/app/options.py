@@ -1,0 +1,205 @@
+"""The ``sparseft`` command line's options, and the run a ``train`` command line describes.
+
+Kept apart from ``cli`` (which runs the commands) so that a sweep can turn its command
+lines into runs in this process without importing the command-line entry point.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import DROP_POLICIES, KNOWN_METHODS, SCHEDULES, ConfigError, SparseConfig
+from ..train import TrainingArguments
+from .baselines import BaselineConfig
+from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
+from .spec import RunSpec, TaskOptions
+
+BASELINE_METHODS = ("lora", "full", "shira", "supertuning")  # == baselines.BASELINE_METHODS
+
+EPILOG = """examples:
+  sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
+  sparseft eval --adapter runs/x/adapter --task rt-sentiment
+  sparseft train --resume runs/x          # continue from the newest checkpoint
+  sparseft train --method lora --lora-rank 8 --out runs/lora8
+  sparseft train --model smollm2 --task rt-gen --method random --match-lora-rank 4 --out runs/gen
+  sparseft sweep grid.yaml && sparseft plot runs/grid/results.jsonl --out runs/grid/plots
+"""
+
+
+def _add_data_options(p: argparse.ArgumentParser, task_default: str | None) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default=task_default,
+                   help="built-in task: rt-sentiment or bbc-topic (classifiers), bbc-lm or rt-gen (causal LMs, "
+                        "e.g. --model smollm2) (default: %(default)s)")
+    g.add_argument("--train-file", help="your own training data (CSV or JSONL); needs --eval-file")
+    g.add_argument("--eval-file", help="your own evaluation data (CSV or JSONL)")
+    g.add_argument("--text-column", default="text", help="column holding the text (default: %(default)s)")
+    g.add_argument("--label-column", default="label", help="column holding the label (default: %(default)s)")
+    g.add_argument("--max-train-examples", type=int, help="use a fixed, seeded subset of the training split")
+    g.add_argument("--max-eval-examples", type=int, help="cap the validation and test splits")
+    g.add_argument("--max-length", type=int, default=64, help="truncate inputs to this many tokens (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    g.add_argument("--prompt-column", help="your own generation data: column holding the prompt (causal LMs)")
+    g.add_argument("--target-column", help="your own generation data: column holding the target answer")
+    g.add_argument("--max-new-tokens", type=int, default=8, help="generation tasks: tokens to decode greedily")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparseft", description="Sparse fine-tuning of transformer models: train a small subset of the model's own weights.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune sparsely and write metrics.json and the adapter",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--out", help="run folder: gets metrics.json, adapter/ and checkpoints/ (required unless --resume)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest checkpoint, with its recorded settings")
+    t.add_argument("--model", default="default",
+                   help="'default' (the embedded all-MiniLM-L6-v2), 'smollm2' (SmolLM2-135M-Instruct, "
+                        "converted once from its GGUF to a cache) or a local Hugging Face model folder")
+    _add_data_options(t, "rt-sentiment")
+    m = t.add_argument_group("sparse method")
+    m.add_argument("--method", default="random", choices=KNOWN_METHODS + BASELINE_METHODS,
+                   help="how entries are chosen. Scorers (static, or moving with --schedule dynamic): random, "
+                        "magnitude (|w|); from calibration batches: gradient (|g|), snip (|w g|), taylor ((w g)^2), "
+                        "d3 (|g|/(|w|+eps)^e), fisher (mean per-example g^2), grasp (w Hg); synflow (data-free path "
+                        "score). Training-time methods: id3 (incremental unmasking by d3, B/2 entries trained on "
+                        "average); dst (dynamic subset tuning: dense update, then keep the top density*|matrix| "
+                        "changes per matrix; dense memory while training); grow-drop (SpIEL-style swaps every "
+                        "--grow-drop-every steps). Baselines: lora, full, shira, supertuning (baselines.py)")
+    m.add_argument("--lora-rank", type=int, help="rank for --method lora or shira (default 8, or from the budget)")
+    budget = m.add_mutually_exclusive_group()
+    budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
+    budget.add_argument("--num-params", type=int, help="absolute number of trained entries")
+    budget.add_argument("--match-lora-rank", type=int, help="as many entries as LoRA of this rank on the same targets")
+    m.add_argument("--target-modules", default="all-linear",
+                   help="'all-linear', a regex on module names, or comma-separated name suffixes")
+    m.add_argument("--selection", default="global", choices=["global", "per-layer"], help="one top-k over all targets, or a share per layer")
+    m.add_argument("--magnitude-order", default="largest", choices=["largest", "smallest"], help="for --method magnitude")
+    m.add_argument("--calib-examples", type=int, default=1024,
+                   help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
+                        "order, capped by its size)")
+    m.add_argument("--calib-batch-size", type=int,
+                   help="batch size of the calibration batches (default: --batch-size)")
+    m.add_argument("--calib-micro-batch", type=int, default=1,
+                   help="examples per forward/backward pass while scoring: calibration batches are split into "
+                        "micro-batches of at most this many examples, weighted to give the same gradient; selection "
+                        "memory is the score buffers plus one micro-batch's activations (fisher always uses 1)")
+    m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
+    m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
+    m.add_argument("--schedule", default="static", choices=list(SCHEDULES),
+                   help="static: choose once before training; dynamic: rescore every --update-every steps")
+    m.add_argument("--update-every", type=int, default=128, help="dynamic: optimizer steps between rescorings")
+    m.add_argument("--score-window", type=int, default=8,
+                   help="dynamic and grow-drop: score from the dense gradients of this many steps before each "
+                        "update (the other steps run the sparse path only)")
+    m.add_argument("--drop-policy", default="merge", choices=list(DROP_POLICIES),
+                   help="dynamic: fold dropped entries into the base weight (merge, recorded in the adapter) or discard them")
+    m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
+    m.add_argument("--unmask-every", type=int, default=1,
+                   help="id3: unmask every K optimizer steps (same total budget; fewer dense-gradient steps)")
+    m.add_argument("--grow-drop-every", type=int, default=20, help="grow-drop: swap entries every N steps")
+    m.add_argument("--grow-drop-fraction", type=float, default=0.2,
+                   help="grow-drop: fraction swapped at the start, decaying (cosine) to 0")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, help="learning rate of the sparse values (default: 5e-3 for every scorer; "
+                                             "random masking needs a much larger rate than full fine-tuning)")
+    o.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: 2e-3)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the sparse values")
+    o.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
+    o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps with linear warmup")
+    o.add_argument("--eval-every", type=int, default=0, help="evaluate on the validation split every N steps (0: at the end)")
+    o.add_argument("--seed", type=int, default=0, help="seeds the mask, the data order and the head")
+    o.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: none)")
+    o.add_argument("--keep-checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
+    o.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip and count steps whose loss or gradients are NaN/inf, instead of stopping")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N, or auto (cuda when available)")
+
+    e = sub.add_parser("eval", help="re-score a saved adapter", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--adapter", required=True, help="an adapter folder written by 'sparseft train'")
+    e.add_argument("--model", help="base model folder (default: the one recorded in the adapter)")
+    e.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
+    _add_data_options(e, None)
+    e.add_argument("--seed", type=int, help="data split seed (default: the one recorded in the adapter)")
+
+    sw = sub.add_parser("sweep", help="run a grid of methods x budgets x learning rates x seeds (resumes)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sw.add_argument("grid", help="grid file (YAML or JSON): out, base, methods, budgets, lrs, seeds (see sweep.py)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
+
+    pl = sub.add_parser("plot", help="score vs trainable parameters and cost bars (PNG) from a results.jsonl",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("results", help="results.jsonl written by 'sparseft sweep'")
+    pl.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
+    pl.add_argument("--grid", help="only the runs of this grid file (e.g. leave out a learning-rate sweep)")
+    return parser
+
+
+def task_options(ns: argparse.Namespace) -> TaskOptions:
+    return TaskOptions(
+        task=ns.task or "rt-sentiment", train_file=ns.train_file, eval_file=ns.eval_file,
+        text_column=ns.text_column, label_column=ns.label_column,
+        max_train_examples=ns.max_train_examples, max_eval_examples=ns.max_eval_examples,
+        max_length=ns.max_length, batch_size=ns.batch_size,
+        prompt_column=ns.prompt_column, target_column=ns.target_column, max_new_tokens=ns.max_new_tokens,
+        calib_batch_size=getattr(ns, "calib_batch_size", None),
+    )
+
+
+def _targets(value: str):
+    if value == "all-linear" or "," not in value and any(c in value for c in "^$*+?[](){}|\\"):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def spec_from_args(ns: argparse.Namespace) -> RunSpec:
+    """The run a parsed ``train`` command line describes (not ``--resume``)."""
+    if not ns.out:
+        raise ValueError("--out is required (or --resume RUN_DIR)")
+    baseline = None
+    density, num_params, match_lora_rank = ns.density, ns.num_params, ns.match_lora_rank
+    if ns.method in BASELINE_METHODS:
+        baseline = BaselineConfig(method=ns.method, lora_rank=ns.lora_rank, density=density, num_params=num_params,
+                                  match_lora_rank=match_lora_rank, target_modules=_targets(ns.target_modules),
+                                  seed=ns.seed)
+        density = num_params = match_lora_rank = None
+    elif ns.lora_rank is not None:
+        raise ConfigError("--lora-rank is for --method lora or shira; sparse methods take --match-lora-rank")
+    sparse = SparseConfig(
+        method="random" if baseline else ns.method, density=density, num_params=num_params, match_lora_rank=match_lora_rank,
+        target_modules=_targets(ns.target_modules), selection=ns.selection,
+        magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
+        calib_examples=ns.calib_examples, calib_micro_batch=ns.calib_micro_batch, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
+        schedule=ns.schedule, update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy,
+        unmask_every=ns.unmask_every, grow_drop_every=ns.grow_drop_every, grow_drop_fraction=ns.grow_drop_fraction,
+    )
+    training = TrainingArguments(
+        lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,
+        epochs=ns.epochs, max_steps=ns.max_steps, grad_accum=ns.grad_accum, warmup_ratio=ns.warmup_ratio,
+        eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress,
+        save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, skip_nonfinite=ns.skip_nonfinite,
+    )
+    return RunSpec(out=ns.out, model=ns.model, data=task_options(ns), sparse=sparse, training=training,
+                   baseline=baseline, device=ns.device)
+
+
+def train_from_args(ns: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Run a parsed ``train`` command line (a new run, or ``--resume RUN_DIR``); returns
+    the run's metrics and its folder."""
+    if ns.resume:
+        return resume_training(ns.resume), ns.resume
+    return run_training(spec_from_args(ns)), ns.out
+
+
+def train_from_argv(argv: list[str]) -> tuple[dict[str, Any], str]:
+    """``sparseft train ...`` in this process: ``argv`` starts with ``train``."""
+    ns = build_parser().parse_args(argv)
+    if ns.command != "train":
+        raise ValueError(f"not a train command line: {' '.join(argv)}")
+    return train_from_args(ns)

@@ -1,0 +1,104 @@
+"""Everything a run needs before its method is applied, for classification and causal-LM
+tasks alike: the task's data, the base model and tokenizer, the shuffled training loader,
+the calibration batches and an ``evaluate(model, split)`` function."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from .lmtasks import (evaluate_generation, evaluate_perplexity, generation_task_from_files, get_lm_task, is_lm_task,
+                      make_lm_loader, majority_target_rate)
+from .pretrained import load_causal_lm, load_classifier
+from .spec import RunSpec, TaskOptions
+from .tasks import TaskData, evaluate_classifier, get_task, majority_rate, make_loader, task_from_files
+
+
+@dataclass
+class Setup:
+    task_name: str
+    metric: str
+    higher_is_better: bool
+    base: torch.nn.Module
+    tokenizer: Any
+    new_heads: list[str]  # freshly initialised task heads: trained densely (modules_to_save)
+    train_loader: DataLoader
+    evaluate: Callable[[torch.nn.Module, str], dict[str, Any]]  # (model, "validation" | "test") -> metrics
+    majority_rate: float | None
+    record: dict[str, Any]  # task facts an adapter keeps for ``eval`` (label names, task kind)
+
+
+def is_causal_run(opts: TaskOptions) -> bool:
+    return is_lm_task(opts.task) or bool(opts.prompt_column)
+
+
+def load_task(opts: TaskOptions, seed: int) -> TaskData:
+    """A classification task: built in, or from the user's files."""
+    if opts.train_file or opts.eval_file:
+        if not (opts.train_file and opts.eval_file):
+            raise ValueError("--train-file and --eval-file go together")
+        return task_from_files(opts.train_file, opts.eval_file, opts.text_column, opts.label_column)
+    return get_task(opts.task, seed=seed, max_train_examples=opts.max_train_examples,
+                    max_eval_examples=opts.max_eval_examples)
+
+
+def prepare(spec: RunSpec) -> Setup:
+    """Load ``spec``'s task and base model (in that order: the head's initialisation draws
+    from torch's global generator after the task is loaded)."""
+    return _prepare_causal(spec) if is_causal_run(spec.data) else _prepare_classification(spec)
+
+
+def _prepare_classification(spec: RunSpec) -> Setup:
+    opts, seed = spec.data, spec.training.seed
+    task = load_task(opts, seed)
+    base, tokenizer, new_heads = load_classifier(spec.model, task.num_labels)
+    loader = make_loader(task.train, tokenizer, opts.batch_size, opts.max_length, shuffle=True, seed=seed)
+
+    def evaluate(model, split):
+        return evaluate_classifier(model, make_loader(getattr(task, split), tokenizer, opts.eval_batch_size,
+                                                      opts.max_length))
+
+    return Setup(task.name, task.metric, True, base, tokenizer, list(new_heads), loader, evaluate,
+                 majority_rate(task.test), {"label_names": task.label_names})
+
+
+def _prepare_causal(spec: RunSpec) -> Setup:
+    opts, seed = spec.data, spec.training.seed
+    if opts.train_file or opts.eval_file:
+        if not (opts.train_file and opts.eval_file):
+            raise ValueError("--train-file and --eval-file go together")
+        task = generation_task_from_files(opts.train_file, opts.eval_file, opts.prompt_column or "prompt",
+                                          opts.target_column or "target")
+    else:
+        task = get_lm_task(opts.task, seed, opts.max_train_examples, opts.max_eval_examples)
+    base, tokenizer = load_causal_lm(spec.model)
+    loader = make_lm_loader(task.train, tokenizer, opts.batch_size, opts.max_length, shuffle=True, seed=seed)
+
+    def evaluate(model, split):
+        pairs = getattr(task, split)
+        if task.kind == "lm":
+            return evaluate_perplexity(model, make_lm_loader(pairs, tokenizer, opts.eval_batch_size, opts.max_length))
+        return evaluate_generation(model, pairs, tokenizer, batch_size=opts.eval_batch_size,
+                                   max_length=opts.max_length, max_new_tokens=opts.max_new_tokens)
+
+    return Setup(task.name, task.metric, task.higher_is_better, base, tokenizer, [], loader, evaluate,
+                 majority_target_rate(task.test), {"kind": task.kind})
+
+
+def calibration_order(size: int, examples: int, seed: int) -> list[int]:
+    """Which training examples calibrate, in order: the first ``examples`` of a seeded
+    permutation of the training set (capped by its size). Every run, classification or
+    causal LM, uses this one order."""
+    n = min(examples, size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
+def calibration_batches(train_loader: DataLoader, examples: int, batch_size: int, seed: int) -> list[dict]:
+    """The calibration examples (``calibration_order``) batched as training batches are,
+    labels included, with the training loader's collate function. The training loader's
+    own shuffling generator is left untouched."""
+    dataset = train_loader.dataset
+    chosen = [dataset[i] for i in calibration_order(len(dataset), examples, seed)]
+    return list(DataLoader(chosen, batch_size=batch_size, collate_fn=train_loader.collate_fn))
