@@ -1,8 +1,11 @@
 """SparseAdamW's step against torch's AdamW on the same sparse values, interleaved.
 
 The parameters are those of ``bench_step.py``'s sparse setup (static random mask at LoRA
-r=8's count, one gradient computed once). Three optimizers step in turn, each with its own
-state: ``sparse`` (SparseAdamW: every entry has the same age, the foreach path),
+r=8's count, one gradient computed once). Four optimizers step in turn, each with its own
+state: ``sparse-flat`` (SparseAdamW, the default: every entry has the same age, all
+parameters packed into one flat buffer, one op per AdamW stage; the gradients are gathered
+into one buffer at each step, included), ``sparse`` (``flat=False``: the same arithmetic with
+foreach ops over the per-layer tensors),
 ``sparse-mixed-ages`` (SparseAdamW after one fresh entry joined each parameter: the
 per-entry bias-correction path that ID3 and grow-drop take), and ``torch`` (torch.optim.AdamW,
 its default foreach implementation). Prints median milliseconds and ratios to torch's.
@@ -11,6 +14,8 @@ Reproduce::
 
     python bench/bench_optimizer.py --out bench/results/quiet/optimizer_minilm.json
     python bench/bench_optimizer.py --model smollm2 --out bench/results/quiet/optimizer_smollm2.json
+    OMP_NUM_THREADS=1 nice -n 10 python bench/bench_optimizer.py --threads 1 --clock cpu \
+        --out bench/results/2026-11-29/optimizer_flat_minilm_cpu1.json
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ def main() -> None:
     params = model.sparse_parameters()
     for q in params:
         q.grad = torch.randn_like(q)
-    opts = {"sparse": SparseAdamW(params, lr=1e-3), "sparse-mixed-ages": SparseAdamW(params, lr=1e-3),
+    opts = {"sparse-flat": SparseAdamW(params, lr=1e-3), "sparse": SparseAdamW(params, lr=1e-3, flat=False),
+            "sparse-mixed-ages": SparseAdamW(params, lr=1e-3, flat=False),
             "torch": torch.optim.AdamW(params, lr=1e-3)}
     for opt in opts.values():
         opt.step()

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "sddmm.c"
-ABI = 1
+ABI = 2
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"],
     ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"],  # compilers without -march=native
@@ -159,6 +159,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.sparseft_block_tokens.restype = i64
     lib.sparseft_sddmm_f32.restype = None
     lib.sparseft_sddmm_f32.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.sparseft_tile_sddmm_f32.restype = None
+    lib.sparseft_tile_sddmm_f32.argtypes = [i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -234,4 +236,28 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, crow: torch.Tensor
     lib.sparseft_sddmm_f32(tokens, rows, cols, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0),
                            crow.data_ptr(), col.data_ptr(), entries, out.data_ptr(), partials.data_ptr(),
                            scratch.data_ptr(), threads)
+    return out
+
+
+def tile_sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, tile_rows: torch.Tensor, tile_cols: torch.Tensor,
+               t: int, lib: ctypes.CDLL) -> torch.Tensor:
+    """out[b, i, j] = sum_s row_factor[s, t*tile_rows[b] + i] * col_factor[s, t*tile_cols[b] + j]
+    (fp32, tiles x t x t) for t = 16 or 32; int64 tile coordinates."""
+    if t not in (16, 32):
+        raise ValueError(f"tile side must be 16 or 32, got {t}")
+    tokens = row_factor.shape[0]
+    if col_factor.shape[0] != tokens or tile_rows.shape != tile_cols.shape or tile_rows.dtype != torch.int64 \
+            or tile_cols.dtype != torch.int64:
+        raise ValueError("factors must share the token count and tile coordinates be int64 of one length")
+    n = tile_rows.numel()
+    if n and (int(tile_rows.min()) < 0 or int(tile_cols.min()) < 0
+              or (int(tile_rows.max()) + 1) * t > row_factor.shape[1]
+              or (int(tile_cols.max()) + 1) * t > col_factor.shape[1]):
+        raise ValueError("a tile lies outside the factors")
+    g, x = _token_major(row_factor), _token_major(col_factor)
+    rows_idx, cols_idx = tile_rows.contiguous(), tile_cols.contiguous()
+    out = torch.empty(n, t, t, dtype=torch.float32)
+    lib.sparseft_tile_sddmm_f32(tokens, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), n,
+                                rows_idx.data_ptr(), cols_idx.data_ptr(), t, out.data_ptr(),
+                                max(1, torch.get_num_threads()))
     return out

@@ -76,7 +76,9 @@ def create_optimizer(model: Any, lr: float, weight_decay: float = 0.0, head_lr: 
     groups = [{"params": model.sparse_parameters(), "lr": lr, "weight_decay": weight_decay}]
     dense = model.dense_trainable_parameters()
     if dense:
-        groups.append({"params": dense, "lr": head_lr if head_lr is not None else lr, "weight_decay": 0.0})
+        # Not packed into a flat buffer (optim.py): DDP hooks these parameters' gradient accumulators.
+        groups.append({"params": dense, "lr": head_lr if head_lr is not None else lr, "weight_decay": 0.0,
+                       "flat": False})
     return SparseAdamW(groups, lr=lr)
 
 

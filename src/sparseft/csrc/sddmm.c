@@ -8,6 +8,11 @@
  * dot product of BLOCK floats. torch.sparse.sampled_addmm needs both operands transposed
  * in memory first; that round trip through RAM is what this kernel saves.
  *
+ * sparseft_tile_sddmm_f32 does the same for an index made of whole t x t tiles: each tile
+ * is a small dense product g[:, tile rows]^T x[:, tile cols], accumulated over the tokens in
+ * registers straight from the token-major operands (no transposes; every loaded float is
+ * used t times).
+ *
  * Parallel regions use OpenMP; loaded into a process where torch's libgomp.so.1 is already
  * loaded, they run on torch's own thread pool. Built without OpenMP, it runs on one thread. */
 #include <stdint.h>
@@ -29,7 +34,7 @@ static int omp_get_num_threads(void) { return 1; }
 #error "dot_block is written for blocks of 64 tokens"
 #endif
 
-int sparseft_native_abi(void) { return 1; }
+int sparseft_native_abi(void) { return 2; }
 
 int64_t sparseft_block_tokens(void) { return BLOCK; }
 
@@ -155,6 +160,67 @@ void sparseft_sddmm_f32(int64_t tokens, int64_t rows, int64_t cols, const float 
       float s = out[e];
       for (int k = 1; k < n; k++) s += partials[(int64_t)(k - 1) * entries + e];
       out[e] = s;
+    }
+  }
+}
+
+/* out[4 x 16] += g[:, 0..4)^T x[:, 0..16) over the tokens, accumulated in registers. */
+#ifdef SPARSEFT_AVX
+static void tile_panel(int64_t tokens, const float *g, int64_t ldg, const float *x, int64_t ldx,
+                       float *out, int64_t ldo) {
+  __m256 a0 = _mm256_loadu_ps(out), a1 = _mm256_loadu_ps(out + 8), a2 = _mm256_loadu_ps(out + ldo),
+         a3 = _mm256_loadu_ps(out + ldo + 8), a4 = _mm256_loadu_ps(out + 2 * ldo), a5 = _mm256_loadu_ps(out + 2 * ldo + 8),
+         a6 = _mm256_loadu_ps(out + 3 * ldo), a7 = _mm256_loadu_ps(out + 3 * ldo + 8);
+  for (int64_t s = 0; s < tokens; s++) {
+    const float *gr = g + s * ldg, *xr = x + s * ldx;
+    __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
+    __m256 g0 = _mm256_broadcast_ss(gr), g1 = _mm256_broadcast_ss(gr + 1);
+    a0 = _mm256_fmadd_ps(g0, x0, a0); a1 = _mm256_fmadd_ps(g0, x1, a1);
+    a2 = _mm256_fmadd_ps(g1, x0, a2); a3 = _mm256_fmadd_ps(g1, x1, a3);
+    __m256 g2 = _mm256_broadcast_ss(gr + 2), g3 = _mm256_broadcast_ss(gr + 3);
+    a4 = _mm256_fmadd_ps(g2, x0, a4); a5 = _mm256_fmadd_ps(g2, x1, a5);
+    a6 = _mm256_fmadd_ps(g3, x0, a6); a7 = _mm256_fmadd_ps(g3, x1, a7);
+  }
+  _mm256_storeu_ps(out, a0); _mm256_storeu_ps(out + 8, a1);
+  _mm256_storeu_ps(out + ldo, a2); _mm256_storeu_ps(out + ldo + 8, a3);
+  _mm256_storeu_ps(out + 2 * ldo, a4); _mm256_storeu_ps(out + 2 * ldo + 8, a5);
+  _mm256_storeu_ps(out + 3 * ldo, a6); _mm256_storeu_ps(out + 3 * ldo + 8, a7);
+}
+#else
+static void tile_panel(int64_t tokens, const float *g, int64_t ldg, const float *x, int64_t ldx,
+                       float *out, int64_t ldo) {
+  float acc[4][16];
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < 16; c++) acc[r][c] = out[r * ldo + c];
+  for (int64_t s = 0; s < tokens; s++) {
+    const float *gr = g + s * ldg, *xr = x + s * ldx;
+    for (int r = 0; r < 4; r++)
+      for (int c = 0; c < 16; c++) acc[r][c] += gr[r] * xr[c];
+  }
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < 16; c++) out[r * ldo + c] = acc[r][c];
+}
+#endif
+
+/* Tokens per pass over a tile's panels: the panels then re-read g's and x's rows for those
+ * tokens from cache (and a few pages), instead of streaming every token row once per panel. */
+#define TILE_TOKENS 128
+
+/* out[b, i, j] = sum_s g[s, t*trow[b] + i] * x[s, t*tcol[b] + j] for tiles b < ntiles, t = 16 or 32;
+ * tiles are shared out over the threads. */
+void sparseft_tile_sddmm_f32(int64_t tokens, const float *g, int64_t ldg, const float *x, int64_t ldx,
+                             int64_t ntiles, const int64_t *trow, const int64_t *tcol, int64_t t, float *out,
+                             int threads) {
+  if (threads < 1) threads = 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < ntiles; b++) {
+    float *o = out + b * t * t;
+    memset(o, 0, sizeof(float) * t * t);
+    for (int64_t s0 = 0; s0 < tokens; s0 += TILE_TOKENS) {
+      int64_t n = tokens - s0 < TILE_TOKENS ? tokens - s0 : TILE_TOKENS;
+      const float *gb = g + s0 * ldg + trow[b] * t, *xb = x + s0 * ldx + tcol[b] * t;
+      for (int64_t r = 0; r < t; r += 4)
+        for (int64_t c = 0; c < t; c += 16) tile_panel(n, gb + r, ldg, xb + c, ldx, o + r * t + c, t);
     }
   }
 }
