@@ -2,6 +2,7 @@
 from ._version import __version__
 from .config import ConfigError, SparseConfig
 from .delta import SparseDeltaLayer
+from .lr_rule import default_lr
 from .model import AdapterError, SparseModel, get_sparse_model
 from .optim import SparseAdamW
 from .train import SparseCallback, TrainingArguments, create_optimizer, train
@@ -16,6 +17,7 @@ __all__ = [
     "SparseCallback",
     "TrainingArguments",
     "create_optimizer",
+    "default_lr",
     "train",
     "get_sparse_model",
     "__version__",

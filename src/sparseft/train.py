@@ -16,12 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import is_distributed, is_main_process, launched_distributed, wrap_ddp
+from .lr_rule import AUTO, resolve_lr
 from .optim import SparseAdamW
 
 
 @dataclass
 class TrainingArguments:
-    lr: float = 1e-3
+    # the sparse values' rate; "auto": lr_rule.default_lr for the model's method and budget
+    lr: float | str = AUTO
     head_lr: float | None = None  # task heads and biases; defaults to ``lr``
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
@@ -37,7 +39,12 @@ class TrainingArguments:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+        if isinstance(self.lr, str):
+            if self.lr != AUTO:
+                raise ValueError(f"lr must be a positive number or {AUTO!r}, got {self.lr!r}")
+        elif self.lr <= 0:
+            raise ValueError("learning rates must be positive")
+        if self.head_lr is not None and self.head_lr <= 0:
             raise ValueError("learning rates must be positive")
         if self.grad_accum < 1:
             raise ValueError("grad_accum must be at least 1")
@@ -61,6 +68,7 @@ class TrainResult:
     mean_active_entries: float | None = None  # entries trained per step, averaged over steps
     # the process's peak RSS when training ended: selection and training, not the final evaluation
     peak_rss_mb: float | None = None
+    lr: float | None = None  # the rate the first parameter group started from ("auto" resolved)
 
     @property
     def median_step_time(self) -> float:
@@ -71,8 +79,13 @@ class TrainResult:
         return self.tokens / self.train_seconds if self.train_seconds else float("nan")
 
 
-def create_optimizer(model: Any, lr: float, weight_decay: float = 0.0, head_lr: float | None = None) -> SparseAdamW:
-    """AdamW over the sparse values (with weight decay) and the dense head (without)."""
+def create_optimizer(model: Any, lr: float | str = AUTO, weight_decay: float = 0.0,
+                     head_lr: float | None = None) -> SparseAdamW:
+    """AdamW over the sparse values (with weight decay) and the dense head (without).
+
+    ``lr="auto"`` takes the default rate for the model's method and budget (lr_rule.py).
+    """
+    lr = resolve_lr(lr, model)
     groups = [{"params": model.sparse_parameters(), "lr": lr, "weight_decay": weight_decay}]
     dense = model.dense_trainable_parameters()
     if dense:
@@ -249,6 +262,7 @@ def train(
     total = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
     if optimizer is None:
         optimizer = create_optimizer(model, args.lr, args.weight_decay, args.head_lr)
+    start_lr = optimizer.param_groups[0]["lr"]
     scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total), total)
     controller = SparseController(model, optimizer)  # before the DDP wrapper: it marks the values as DDP-ignored
     device = next(model.parameters()).device
@@ -260,7 +274,7 @@ def train(
         forward = wrap_ddp(model)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     generator = getattr(train_loader, "generator", None)
-    result = TrainResult()
+    result = TrainResult(lr=start_lr)
     controller.train_begin(total)
     loop = {"epoch": 0, "micro_in_epoch": 0}
     if resume_from is not None:  # after train_begin: the method's restored state must not be reset

@@ -20,7 +20,8 @@ import torch
 
 from .. import native
 from ..checkpoint import latest_checkpoint
-from ..config import CALIBRATION_METHODS, KNOWN_METHODS
+from ..config import CALIBRATION_METHODS
+from ..lr_rule import AUTO
 from ..model import SparseModel, get_sparse_model, read_adapter
 from ..train import PeakMemory, TrainingArguments, peak_rss_mb, train
 from .baselines import DEFAULT_LR as BASELINE_LR
@@ -31,10 +32,6 @@ from .spec import RunSpec, TaskOptions, resolve_device, spec_from_dict, spec_to_
 
 __all__ = ["RunSpec", "TaskOptions", "run_training", "resume_training", "evaluate_adapter", "default_lr"]
 
-# Random masking needs a much larger rate than full fine-tuning (Xu & Zhang 2024); the
-# other scorers train just as few entries and get the same default.
-DEFAULT_LR = {m: 5e-3 for m in KNOWN_METHODS}
-FALLBACK_LR = 2e-3
 DEFAULT_HEAD_LR = 2e-3
 
 SPEC_NAME = "run_spec.json"
@@ -44,8 +41,9 @@ ADAPTER = "adapter"
 BASELINE_RECORD = "sparseft_run.json"
 
 
-def default_lr(method: str) -> float:
-    return DEFAULT_LR.get(method, BASELINE_LR.get(method, FALLBACK_LR))
+def default_lr(method: str) -> float | str:
+    """A baseline's own default rate; "auto" (lr_rule.py: by method and budget) for sparse methods."""
+    return BASELINE_LR.get(method, AUTO)
 
 
 def reset_gpu_peak(device: torch.device) -> None:
@@ -81,7 +79,8 @@ def _build_model(spec: RunSpec, setup: Setup):
         if not spec.baseline.modules_to_save:
             spec.baseline.modules_to_save = list(setup.new_heads)
         model = get_baseline_model(setup.base, spec.baseline)
-        optimizer = model.create_optimizer(spec.training.lr, spec.training.weight_decay, spec.training.head_lr)
+        lr = BASELINE_LR[spec.baseline.method] if spec.training.lr == AUTO else spec.training.lr  # the rule is for sparse values
+        optimizer = model.create_optimizer(lr, spec.training.weight_decay, spec.training.head_lr)
         return model, optimizer, {**spec.baseline.to_dict(), **model.info}
     if not spec.sparse.modules_to_save:
         spec.sparse.modules_to_save = list(setup.new_heads)
@@ -193,7 +192,8 @@ def run_metrics(spec: RunSpec, result) -> dict[str, Any]:
         "peak_gpu_mb": gpu_peak_mb(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "seed": spec.training.seed,
-        "lr": spec.training.lr,
+        "lr": result.lr if result.lr is not None else spec.training.lr,  # "auto" resolved
+        "lr_given": spec.training.lr,  # as asked: a number, or "auto"
         "history": result.history,
         "training": asdict(spec.training),
         "data": asdict(spec.data),

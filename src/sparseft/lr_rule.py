@@ -1,0 +1,74 @@
+"""The default learning rate of the sparse values (``lr="auto"``).
+
+A sparse fine-tune's good rate depends on how many entries it trains: few entries need
+a large rate, many a small one (a rate tuned at one budget collapses at a budget 4x
+larger). The rule is a power law in the density (trained entries / targeted weights),
+one per method family, clipped to a safe range:
+
+    lr = LR_AT_REF[family] * (density / REF_DENSITY) ** -EXPONENT[family]
+
+docs/defaults.md gives the data behind the constants and what they were not tested on.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ConfigError, SparseConfig
+
+AUTO = "auto"
+
+# The density of a LoRA-rank-4 budget on all-linear MiniLM-L6 (168,960 of 10,764,288 weights).
+REF_DENSITY = 168_960 / 10_764_288
+
+# family -> (rate at REF_DENSITY, exponent of the density). Until the budget sweeps are
+# in, every family keeps the former flat default (5e-3 at every budget).
+RULES: dict[str, tuple[float, float]] = {
+    "data-free": (5e-3, 0.0),  # random, magnitude, synflow; grow-drop starts from a random mask
+    "gradient": (5e-3, 0.0),   # gradient, snip, taylor, d3, fisher, grasp; id3 and dst choose by gradients
+}
+FAMILY = {
+    "random": "data-free", "magnitude": "data-free", "synflow": "data-free", "grow-drop": "data-free",
+    "gradient": "gradient", "snip": "gradient", "taylor": "gradient", "d3": "gradient", "fisher": "gradient",
+    "grasp": "gradient", "id3": "gradient", "dst": "gradient",
+}
+LR_MIN, LR_MAX = 1e-4, 5e-2
+
+
+def rule_lr(method: str, density: float) -> float:
+    """The rule's rate for ``method`` training ``density`` of its targeted weights."""
+    if method not in FAMILY:
+        raise ConfigError(f"no default learning rate for method={method!r}; give one (--lr)")
+    if not 0 < density <= 1:
+        raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    at_ref, exponent = RULES[FAMILY[method]]
+    return float(min(LR_MAX, max(LR_MIN, at_ref * (density / REF_DENSITY) ** -exponent)))
+
+
+def default_lr(config: SparseConfig, model: Any = None) -> float:
+    """The default rate of the sparse values for ``config`` on ``model``.
+
+    ``model`` is the SparseModel that ``config`` built (its targets turn a ``num_params``
+    or ``match_lora_rank`` budget into a density); it may be left out when the budget is a
+    ``density``.
+    """
+    if model is not None and hasattr(model, "target_shapes"):
+        from .select import resolve_budget
+
+        shapes = model.target_shapes()
+        density = resolve_budget(config, shapes) / sum(o * i for o, i in shapes.values())
+    elif config.density is not None:
+        density = config.density
+    else:
+        raise ConfigError("the default learning rate of a num_params or match_lora_rank budget needs the sparse model "
+                          "(default_lr(config, model)); or give a rate")
+    return rule_lr(config.method, density)
+
+
+def resolve_lr(lr: float | str, model: Any) -> float:
+    """``lr`` itself, or the rule's rate for ``model`` (a SparseModel) when it is ``"auto"``."""
+    if lr != AUTO:
+        return float(lr)
+    config = getattr(model, "sparse_config", None)
+    if not isinstance(config, SparseConfig):
+        raise ConfigError("lr='auto' needs a SparseModel (get_sparse_model); give this model a learning rate")
+    return default_lr(config, model)
