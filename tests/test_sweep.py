@@ -40,11 +40,30 @@ def test_two_run_sweep_writes_results_resumes_and_plots(folders, tmp_path, capsy
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert pngs == ["train-cost.png", "train-score-vs-params.png"]
     assert (tmp_path / "plots" / "train-score-vs-params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| lora | r2 |" in (tmp_path / "plots" / "summary.md").read_text()
+    summary = (tmp_path / "plots" / "summary.md").read_text()
+    assert "| lora | r2 |" in summary and "| random (default lr) | r2 |" in summary  # no --lr: the rule's rate
+    assert "| train | random (default lr) | r2 |" in summary.split("Paired by seed")[1]
     grid["methods"] = ["lora"]
     (tmp_path / "lora.json").write_text(json.dumps(grid))
     assert main(["plot", str(results), "--out", str(tmp_path / "p2"), "--grid", str(tmp_path / "lora.json")]) == 0
     assert "| random |" not in (tmp_path / "p2" / "summary.md").read_text()
+
+
+def test_summary_pairs_each_series_with_lora_by_seed():
+    from sparseft.app.plot import paired_vs_lora, summarize
+
+    def row(method, lr, seed, score, given=None):
+        return {"task": "t", "method": method, "budget": "r4", "lr": lr, "lr_given": given or lr, "seed": seed,
+                "score": score, "validation_score": score, "trainable_params": 10}
+    rows = [row("lora", 1e-3, s, 0.70 + 0.01 * s) for s in (0, 1, 2)] + [
+        row("lora", 1e-2, s, 0.60) for s in (0, 1, 2)] + [
+        row("random", 5e-3, s, 0.72, "auto") for s in (0, 1, 2)] + [row("random", 2e-2, 0, 0.65)]
+    summary = summarize(rows)
+    assert {e["method"] for e in summary} == {"lora", "random", "random (default lr)"}
+    paired = {p["method"]: p for p in paired_vs_lora(summary)}
+    assert paired["random (default lr)"]["lora_lr"] == 1e-3  # LoRA at its best rate on validation
+    assert paired["random (default lr)"]["diff_mean"] == pytest.approx(0.01)
+    assert paired["random (default lr)"]["wins"] == 2 and paired["random"]["seeds"] == 1
 
 
 def test_bad_grid_is_a_clear_error(tmp_path, capsys):

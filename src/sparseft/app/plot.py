@@ -4,6 +4,10 @@ method, min-max band over seeds) and step time / peak memory bars, as PNG; plus
 
 Where a (method, budget) was run at several learning rates, the rate with the best mean
 validation score is used (test scores are never used to choose), and the table says which.
+Runs at the default rate (``lr_given`` "auto" in metrics.json) form their own series,
+"<method> (default lr)", so default and tuned runs show side by side. ``summary.md`` also
+pairs every series with LoRA at the same budget, seed by seed, and lists every rate tried
+per budget (mean over seeds), the chosen one in bold.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per (task, method, budget) at its best learning rate by mean validation score."""
     groups: dict[tuple, dict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        groups[(row.get("task"), row["method"], row.get("budget", ""))][row.get("lr")].append(row)
+        groups[(row.get("task"), series(row), row.get("budget", ""))][row.get("lr")].append(row)
     out = []
     for (task, method, budget), by_lr in groups.items():
         higher = next(iter(by_lr.values()))[0].get("higher_is_better", True)
@@ -66,8 +70,33 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "metric": runs[0].get("metric", "score"), "higher_is_better": higher,
             "majority_rate": _mean_or_none(r.get("majority_rate") for r in runs),
             "macro_f1_mean": _mean_or_none((r.get("test") or {}).get("macro_f1") for r in runs),
+            "scores_by_seed": {r.get("seed"): r["score"] for r in runs},
         })
     return sorted(out, key=lambda e: (str(e["task"]), e["method"], e["trainable_params"]))
+
+
+def series(row: dict[str, Any]) -> str:
+    """The method, marked when the run took the default rate rather than a given one."""
+    return row["method"] + (" (default lr)" if row.get("lr_given") == "auto" else "")
+
+
+def paired_vs_lora(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each non-LoRA series against LoRA at the same task and budget, on the seeds both ran."""
+    lora = {(e["task"], e["budget"]): e for e in summary if e["method"] == "lora"}
+    out = []
+    for e in summary:
+        ref = lora.get((e["task"], e["budget"]))
+        if e["method"] == "lora" or ref is None:
+            continue
+        seeds = sorted(set(e["scores_by_seed"]) & set(ref["scores_by_seed"]), key=str)
+        if not seeds:
+            continue
+        sign = 1 if e["higher_is_better"] else -1
+        diffs = [e["scores_by_seed"][s] - ref["scores_by_seed"][s] for s in seeds]
+        out.append({"task": e["task"], "method": e["method"], "budget": e["budget"], "lr": e["lr"], "lora_lr": ref["lr"],
+                    "seeds": len(seeds), "diff_mean": statistics.fmean(diffs), "diff_min": min(diffs),
+                    "diff_max": max(diffs), "wins": sum(sign * d > 0 for d in diffs)})
+    return out
 
 
 def _peak_rss(runs: list[dict[str, Any]]) -> float:
@@ -150,7 +179,7 @@ def plot_results(results: str | Path, out: str | Path, grid: str | Path | None =
         plt.close(fig)
         written.append(path)
     table = out / "summary.md"
-    table.write_text(summary_table(summary))
+    table.write_text(summary_table(summary) + paired_table(paired_vs_lora(summary)) + rate_table(rows))
     written.append(table)
     return written
 
@@ -168,4 +197,41 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             f"[{e['score_min']:.4f}, {e['score_max']:.4f}] {f1_cell}| {e['validation_mean']:.4f} | "
             f"{'-' if e['majority_rate'] is None else format(e['majority_rate'], '.4f')} | {e['step_time_s'] * 1000:.0f} "
             f"| {e['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(paired: list[dict[str, Any]]) -> str:
+    if not paired:
+        return ""
+    lines = ["", "Paired by seed against LoRA at the same budget (method minus LoRA, test score):", "",
+             "| task | method | budget | lr | LoRA lr | seeds | mean [min, max] of (method - LoRA) | better than LoRA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in paired:
+        lines.append(f"| {p['task']} | {p['method']} | {p['budget']} | {p['lr']:g} | {p['lora_lr']:g} | {p['seeds']} | "
+                     f"{p['diff_mean']:+.4f} [{p['diff_min']:+.4f}, {p['diff_max']:+.4f}] | {p['wins']}/{p['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def rate_table(rows: list[dict[str, Any]]) -> str:
+    """Every (task, budget, series, rate): validation and test score, mean over its seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(str(row.get("task")), str(row.get("budget", "")), series(row), row.get("lr"))].append(row)
+    chosen = {(str(e["task"]), str(e["budget"]), e["method"]): e["lr"] for e in summarize(rows)}
+    lines = ["", "Every rate tried (mean over seeds; bold: chosen on validation):", "",
+             "| task | budget | method | lr | seeds | validation | test |", "|---|---|---|---|---|---|---|"]
+
+    def order(key):
+        task, budget, name, lr = key
+        number = "".join(c for c in budget if c.isdigit() or c == ".")
+        return task, budget[:1], float(number) if number else 0.0, name, lr if lr is not None else 0.0
+    for key in sorted(groups, key=order):
+        task, budget, name, lr = key
+        runs = groups[key]
+        cell = "-" if lr is None else f"{lr:g}"
+        if chosen.get((task, budget, name)) == lr:
+            cell = f"**{cell}**"
+        val = statistics.fmean(r.get("validation_score", math.nan) for r in runs)
+        test = statistics.fmean(r["score"] for r in runs)
+        lines.append(f"| {task} | {budget} | {name} | {cell} | {len(runs)} | {val:.4f} | {test:.4f} |")
     return "\n".join(lines) + "\n"
