@@ -124,12 +124,8 @@ def train_loop(model, batches, args, wrap=None, check=None):
     controller.optimizer = optimizer
     controller.train_begin(len(batches))
     for step, batch in enumerate(batches, start=1):
-        controller.before_optimizer_step(step)
-        forward(**batch).loss.backward()
-        controller.before_update(step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        controller.after_optimizer_step(step, batch)
+        with controller.step(optimizer, batch):
+            forward(**batch).loss.backward()
         if check is not None:
             check(step)
     controller.train_end()

@@ -29,7 +29,7 @@ def test_bad_calib_micro_batch_is_a_clear_error(tmp_path, capsys):
 
 def test_missing_adapter_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--adapter", str(tmp_path / "nothing")]) == 2
-    assert "adapter_config.json is missing" in capsys.readouterr().err
+    assert "sparseft_config.json is missing" in capsys.readouterr().err
 
 
 def test_two_budgets_are_refused_by_the_parser():
@@ -74,7 +74,7 @@ def test_real_run_beats_the_majority_class_and_eval_reproduces_it(tmp_path, all_
     assert abs(metrics["density"] - 0.01) < 1e-4
     # Held-out test accuracy, measured: a clear margin over always answering the majority class.
     assert metrics["score"] > metrics["majority_rate"] + 0.05, metrics
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "sparseft_delta.safetensors").is_file()
 
     from sparseft.app.runner import evaluate_adapter
 
@@ -144,8 +144,8 @@ def test_cli_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_mod
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["resumed_from"].endswith("checkpoint-6")
-    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(tmp_path / "full" / "adapter" / "sparseft_delta.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter" / "sparseft_delta.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].equal(b[key]), key

@@ -64,12 +64,8 @@ def train_steps(device: torch.device, kind: str, steps: int = 6):
     controller.train_begin(steps)
     for step, batch in enumerate(batches, start=1):
         batch = {k: v.to(device) for k, v in batch.items()}
-        controller.before_optimizer_step(step)
-        model(**batch).loss.backward()
-        controller.before_update(step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        controller.after_optimizer_step(step, batch)
+        with controller.step(opt, batch):
+            model(**batch).loss.backward()
     controller.train_end()
     return {n: (l.indices.cpu(), l.values.detach().cpu()) for n, l in model.sparse_layers().items()}
 

@@ -117,12 +117,8 @@ def run_steps(model, step_batches, wrap=None, check=None):
     controller.train_begin(len(step_batches))
     trace = []
     for step, batch in enumerate(step_batches, start=1):
-        controller.before_optimizer_step(step)
-        forward(**batch).loss.backward()
-        controller.before_update(step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        controller.after_optimizer_step(step, batch)
+        with controller.step(opt, batch):
+            forward(**batch).loss.backward()
         trace.append(snapshot(model))
         if check is not None:
             check()
@@ -164,7 +160,7 @@ def run_trainer(model, per_device, out_dir, accumulate=1):
 
     callback = sparseft.SparseCallback(model)  # before the Trainer wraps the model in DDP
     examples = [{k: v[i] for k, v in b.items()} for b in batches() for i in range(2 * PER_RANK)]
-    if not hasattr(model.base_model, "classifier"):  # causal LM: predict the sequence itself
+    if not hasattr(model.model, "classifier"):  # causal LM: predict the sequence itself
         examples = [{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in examples]
     args = HFArguments(output_dir=out_dir, use_cpu=True, per_device_train_batch_size=per_device // accumulate,
                        gradient_accumulation_steps=accumulate, max_steps=STEPS,
@@ -282,8 +278,8 @@ def check_case(out, references, case):
     # The adapter: written once (rank 0), equal to the single-process one.
     assert not (out / f"{case}-adapter-rank1").exists(), "rank 1 wrote an adapter"
     ref_dir = out / f"{references.get(f'{case}-dir', case)}-reference"
-    saved = load_file(out / f"{case}-adapter" / "adapter_model.safetensors")
-    ref = load_file(ref_dir / "adapter_model.safetensors")
+    saved = load_file(out / f"{case}-adapter" / "sparseft_delta.safetensors")
+    ref = load_file(ref_dir / "sparseft_delta.safetensors")
     assert saved.keys() == ref.keys()
     for key in ref:
         if ref[key].dtype == torch.int32:
@@ -319,8 +315,8 @@ def test_controller_marks_values_ignored_by_ddp_on_both_models_and_adds_no_ancho
     model = build("id3")
     controller = SparseController(model)
     names = set(model._ddp_params_and_buffers_to_ignore)
-    assert names == {f"base_model.{n}.values" for n in model.target_names}
-    assert set(model.base_model._ddp_params_and_buffers_to_ignore) == {f"{n}.values" for n in model.target_names}
+    assert names == {f"model.{n}.values" for n in model.target_names}
+    assert set(model.model._ddp_params_and_buffers_to_ignore) == {f"{n}.values" for n in model.target_names}
     assert all(layer.ddp_anchor is None for layer in model.sparse_layers().values())  # one process: no anchor
     controller.train_begin(STEPS)
     assert controller.grad_sync.handles == []  # and no gradient hooks

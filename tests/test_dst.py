@@ -87,24 +87,20 @@ def test_density_one_is_full_fine_tuning_step_for_step():
     ctl = SparseController(sparse, opt_s)
     ctl.train_begin(5)
     for step, batch in enumerate(toy_batches(5), start=1):
-        ctl.before_optimizer_step(step)
-        loss_s = sparse(**batch).loss
-        loss_s.backward()
-        ctl.before_update(step, opt_s)
-        opt_s.step()
-        opt_s.zero_grad(set_to_none=True)
-        ctl.after_optimizer_step(step, batch, opt_s)
+        with ctl.step(opt_s, batch):
+            loss_s = sparse(**batch).loss
+            loss_s.backward()
         loss_d = dense(**batch).loss
         loss_d.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
         torch.testing.assert_close(loss_s, loss_d, rtol=1e-5, atol=1e-6)
         for n in targets:
-            layer = sparse.get_submodule(f"base_model.{n}")
+            layer = sparse.get_submodule(f"model.{n}")
             torch.testing.assert_close(layer.weight + layer.delta_weight(), dense.get_submodule(n).weight,
                                        rtol=1e-5, atol=1e-6)
     ctl.train_end(opt_s)
-    assert sparse.num_sparse_params() == sum(sparse.get_submodule(f"base_model.{n}").weight.numel() for n in targets)
+    assert sparse.num_sparse_params() == sum(sparse.get_submodule(f"model.{n}").weight.numel() for n in targets)
 
 
 @pytest.mark.parametrize("budget", [{"density": 1e-7}, {"num_params": 3}])

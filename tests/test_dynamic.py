@@ -150,7 +150,7 @@ def test_adapter_with_broken_fold_record_is_refused(tmp_path):
 
     model = trained_dynamic()
     model.save_pretrained(tmp_path / "a")
-    path = tmp_path / "a" / "adapter_model.safetensors"
+    path = tmp_path / "a" / "sparseft_delta.safetensors"
     tensors = load_file(str(path))
     key = next(k for k in tensors if k.endswith(".folded_values"))
     del tensors[key]

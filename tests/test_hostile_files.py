@@ -1,6 +1,6 @@
 """Adapter files from strangers: every malformed file ends in AdapterError, never a
 crash, a hang, or a silently wrong model. A small seeded fuzzer over safetensors bytes
-and adapter_config.json fields (hypothesis is not a dependency)."""
+and sparseft_config.json fields (hypothesis is not a dependency)."""
 import json
 import random
 import struct

@@ -261,13 +261,13 @@ def test_id3_sparsifies_a_peft_lora_adapter(tmp_path):
         changed += int((layer.values.detach() != 0).sum())
     assert 0 < changed <= budget and model.num_sparse_params() == budget
     # the LoRA matrices themselves (and the base model) were never written to
-    for n, p in model.base_model.named_parameters():
+    for n, p in model.model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     model.save_pretrained(tmp_path / "sparse-lora")
     from safetensors.torch import load_file
 
-    saved = load_file(str(tmp_path / "sparse-lora" / "adapter_model.safetensors"))
+    saved = load_file(str(tmp_path / "sparse-lora" / "sparseft_delta.safetensors"))
     assert sum(v.numel() for k, v in saved.items() if k.endswith(".values")) == budget
 
 

@@ -87,7 +87,7 @@ class MaskedDense:
 
 
 def sparse_head_params(model: SparseModel):
-    return [p for head in model.modules_to_save for p in model.base_model.get_submodule(head).parameters()]
+    return [p for head in model.modules_to_save for p in model.model.get_submodule(head).parameters()]
 
 
 def assert_matches_dense(sparse: SparseModel, ref: MaskedDense, atol: float):
@@ -302,10 +302,10 @@ def test_save_load_roundtrip_identical_logits(arch, tmp_path):
         assert n1 == n2 and torch.equal(l1.indices, l2.indices) and torch.equal(l1.values, l2.values)
     if arch == "bert":
         assert loaded.modules_to_save == ["classifier"]
-        for p1, p2 in zip(model.base_model.classifier.parameters(), loaded.base_model.classifier.parameters()):
-            assert torch.equal(p1, p2) and p2.requires_grad
+        for p1, p2 in zip(model.model.classifier.parameters(), loaded.model.classifier.parameters()):
+            assert torch.equal(p1, p2) and not p2.requires_grad  # frozen unless is_trainable, as in peft
         # the head differs from a fresh model's: it really came from the file
-        assert not torch.equal(build_bert().classifier.weight, loaded.base_model.classifier.weight)
+        assert not torch.equal(build_bert().classifier.weight, loaded.model.classifier.weight)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -355,15 +355,15 @@ def model_targets(arch):
 def test_merge_unmerge_restores_base_bit_exact(arch):
     model = trained_model(arch)
     batch = make_batch()
-    before = {k: v.clone() for k, v in model.base_model.state_dict().items() if not k.endswith((".values", ".indices"))}
+    before = {k: v.clone() for k, v in model.model.state_dict().items() if not k.endswith((".values", ".indices"))}
     sparse_logits = logits_of(model, batch)
     model.merge()
     assert all(layer.merged for layer in model.sparse_layers().values())
-    changed = [k for k, v in model.base_model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    changed = [k for k, v in model.model.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert changed, "merge changed no base weight"
     torch.testing.assert_close(logits_of(model, batch), sparse_logits, rtol=0, atol=1e-5)
     model.unmerge()
-    after = model.base_model.state_dict()
+    after = model.model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     assert torch.equal(logits_of(model, batch), sparse_logits)

@@ -90,8 +90,8 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, grad_accum):
     if kind == "gradient-dynamic":
         assert resumed.method.updates == reference.method.updates == 3
         assert reference.num_folded_params() > 0
-    head_ref = reference.base_model.classifier.weight
-    assert torch.equal(resumed.base_model.classifier.weight, head_ref)
+    head_ref = reference.model.classifier.weight
+    assert torch.equal(resumed.model.classifier.weight, head_ref)
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
@@ -138,7 +138,7 @@ def poison_after(model, n):
         if calls["n"] == n:
             output.loss = output.loss * float("nan")
         return output
-    model.base_model.register_forward_hook(hook)
+    model.model.register_forward_hook(hook)
 
 
 def test_nonfinite_loss_stops_with_the_last_good_checkpoint(tmp_path):

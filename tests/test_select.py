@@ -191,8 +191,8 @@ def test_all_linear_bert_leaves_out_classifier(tiny_bert):
     expected = {f"bert.encoder.layer.{i}.{s}" for i in range(2) for s in BERT_LINEAR} | {"bert.pooler.dense"}
     assert set(names) == expected
     assert model.modules_to_save == ["classifier"]
-    assert all(p.requires_grad for p in model.base_model.classifier.parameters())
-    assert not isinstance(model.base_model.classifier, SparseDeltaLayer)
+    assert all(p.requires_grad for p in model.model.classifier.parameters())
+    assert not isinstance(model.model.classifier, SparseDeltaLayer)
 
 
 def test_list_patterns(tiny_bert):
@@ -233,7 +233,7 @@ def test_already_wrapped_model_refused(tiny_bert):
     with pytest.raises(ConfigError, match="already"):
         get_sparse_model(model, SparseConfig(density=0.1))
     with pytest.raises(ConfigError, match="already carries a sparse delta"):
-        find_target_modules(model.base_model, ["query"])
+        find_target_modules(model.model, ["query"])
 
 
 # -- budgets on real (tiny) models --------------------------------------------------
@@ -261,7 +261,7 @@ def test_num_params_budget_on_model(tiny_bert):
     model = get_sparse_model(tiny_bert, SparseConfig(num_params=123))
     assert model.num_sparse_params() == 123
     # the classifier is counted apart from the sparse budget
-    assert model.num_head_params() == sum(p.numel() for p in model.base_model.classifier.parameters())
+    assert model.num_head_params() == sum(p.numel() for p in model.model.classifier.parameters())
 
 
 def _chosen_and_rest(model):

@@ -104,3 +104,49 @@ def test_transformers_trainer_with_the_callback(tmp_path):
     for n, p in model.named_parameters():
         if n in base_before:
             assert torch.equal(p, base_before[n]), n
+
+
+def test_controller_step_is_the_four_calls_in_order():
+    from sparseft.train import SparseController
+
+    def run(by_hand):
+        model = sparseft.get_sparse_model(tiny_bert(0), sparseft.SparseConfig(
+            method="gradient", density=0.1, schedule="dynamic", update_every=2, score_window=1),
+            calibration_data=toy_batches(1, 8))
+        opt = create_optimizer(model, lr=1e-2)
+        ctl = SparseController(model, opt)
+        ctl.train_begin(4)
+        for step, batch in enumerate(toy_batches(4, 8), start=1):
+            if by_hand:
+                ctl.before_optimizer_step(step)
+                model(**batch).loss.backward()
+                ctl.before_update(step)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ctl.after_optimizer_step(step, batch)
+            else:
+                with ctl.step(batch=batch) as s:
+                    assert s.number == step
+                    model(**batch).loss.backward()
+        ctl.train_end()
+        assert model.method.updates == 2
+        return {n: (l.indices, l.values.detach()) for n, l in model.sparse_layers().items()}
+
+    a, b = run(True), run(False)
+    for n in a:
+        assert torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]), n
+
+
+def test_controller_step_takes_no_step_when_the_block_raises():
+    from sparseft.train import SparseController
+
+    model = sparse_model()
+    opt = create_optimizer(model, lr=1e-2)
+    ctl = SparseController(model, opt)
+    before = [p.detach().clone() for p in model.sparse_parameters()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ctl.step():
+            model(**toy_batches(1, 4)[0]).loss.backward()
+            raise RuntimeError("boom")
+    assert ctl.steps_done == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.sparse_parameters()))

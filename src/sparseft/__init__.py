@@ -20,5 +20,15 @@ __all__ = [
     "default_lr",
     "train",
     "get_sparse_model",
+    "SparseTrainer",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: transformers.Trainer pulls in accelerate and more.
+    if name == "SparseTrainer":
+        from .trainer import SparseTrainer
+
+        return SparseTrainer
+    raise AttributeError(f"module 'sparseft' has no attribute {name!r}")

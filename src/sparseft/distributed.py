@@ -92,7 +92,7 @@ def ignore_sparse_values(model: Any) -> None:
 
     if launched_distributed():
         add_ddp_anchor(model)
-    for module in (model, getattr(model, "base_model", None)):
+    for module in (model, model.get_base_model() if hasattr(model, "get_base_model") else None):
         if module is None:
             continue
         names = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(sparse_value_names(module, model))
@@ -222,7 +222,8 @@ def fully_shard_sparse(model: Any, block_classes: Iterable[str] | None = None, *
     anchors = {layer.ddp_anchor for layer in model.sparse_layers().values() if layer.ddp_anchor is not None}
     ignored = set(fsdp_kwargs.pop("ignored_params", set())) | set(model.sparse_parameters()) | anchors
     if block_classes is None:
-        block_classes = getattr(getattr(model, "base_model", model), "_no_split_modules", None) or []
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        block_classes = getattr(inner, "_no_split_modules", None) or []
     block_classes = set(block_classes)
     blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
     for block in blocks:

@@ -1,6 +1,8 @@
 """SparseModel: a base model whose targeted weights carry sparse deltas."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -8,7 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -18,11 +20,17 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .config import ConfigError, SparseConfig
 from .delta import SparseDeltaLayer, linear_shape, validate_indices
-from .inject import default_modules_to_save, find_target_modules, unwrap_modules, wrap_modules
+from .inject import _parent_and_child, default_modules_to_save, find_target_modules, unwrap_modules, wrap_modules
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+# sparseft's own file names: a folder holding them is neither a PEFT adapter
+# (adapter_config.json) nor a transformers model (config.json), so neither library mistakes
+# it for one of its own. Older sparseft adapters used PEFT's names; they are still read.
+CONFIG_NAME = "sparseft_config.json"
+WEIGHTS_NAME = "sparseft_delta.safetensors"
+LEGACY_CONFIG_NAME = "adapter_config.json"
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+DEFAULT_ADAPTER = "default"
 HEAD_PREFIX = "modules_to_save."
 FOLDED_PARTS = ("folded_indices", "folded_values")
 
@@ -74,16 +82,45 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+# Base-model attributes that ``SparseModel`` never forwards: anything that saves, uploads,
+# loads or switches adapters on the base model would act on the wrong object (the whole
+# base model, or transformers' own PEFT integration) without sparseft knowing.
+_REFUSED_PREFIXES = ("save_", "push_to_hub", "upload", "_upload", "_create_repo", "from_pretrained")
+
+
+def _refused(name: str) -> bool:
+    return "adapter" in name or name.startswith(_REFUSED_PREFIXES)
+
+
 class SparseModel(nn.Module):
-    """The wrapped model. Call it like the base model; train its ``values``."""
+    """The wrapped model. Call it like the base model; train its ``values``.
+
+    Attributes that ``SparseModel`` does not define itself (``config``, ``generate``,
+    ``device``, ``dtype``, ``gradient_checkpointing_enable``, ...) are read from the base
+    model, except those that save, upload, load or switch adapters (``save_*``,
+    ``push_to_hub*``, ``*adapter*``, ...): those raise ``AttributeError`` rather than act on
+    the whole base model. sparseft's own ``save_pretrained``, ``push_to_hub``,
+    ``load_adapter``, ``set_adapter``, ... are defined here.
+
+    ``.model`` is the transformers model (``get_base_model()`` returns it). ``.base_model``
+    is not offered: in peft it is the tuner wrapper and in transformers the backbone, and
+    neither is what a SparseModel would return.
+
+    Several named adapters can share one base (``load_adapter``, ``set_adapter``,
+    ``add_weighted_adapter``); the active one lives in the wrapped layers, the others are
+    kept as their saved tensors. They must target the same modules.
+    """
 
     def __init__(self, base_model: nn.Module, config: SparseConfig, target_names: list[str], modules_to_save: list[str]):
         super().__init__()
-        self.base_model = base_model
+        self.model = base_model
         self.sparse_config = config
         self.target_names = list(target_names)
         self.modules_to_save = list(modules_to_save)
         self.fingerprint = base_fingerprint(base_model, self.target_names)
+        self.method = None
+        self.active_adapter = DEFAULT_ADAPTER
+        self._inactive: dict[str, dict[str, Any]] = {}  # name -> {"config", "tensors", "method", "heads"}
         # Show the base model's forward signature (transformers.Trainer inspects it to
         # decide which dataset columns to keep).
         forward = functools.partial(type(self).forward, self)
@@ -92,17 +129,33 @@ class SparseModel(nn.Module):
 
     # -- delegation ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.base_model, name)
+            if name == "model" or name.startswith("__"):
+                raise
+        if name == "base_model":
+            raise AttributeError(
+                "SparseModel.base_model is not offered (in peft it is the tuner wrapper, in transformers the "
+                "backbone): use get_base_model() or .model for the wrapped transformers model")
+        if _refused(name):
+            raise AttributeError(
+                f"SparseModel does not forward {name!r} to the base model: it would save, upload or switch "
+                "adapters of the whole base model. Use SparseModel's own save_pretrained / push_to_hub / "
+                "load_adapter / set_adapter, or get_base_model() to reach the base model on purpose."
+            )
+        return getattr(self.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its targeted layers carry the sparse deltas)."""
+        return self.model
 
     # -- parts --------------------------------------------------------------------
     def sparse_layers(self) -> dict[str, SparseDeltaLayer]:
-        return {name: self.base_model.get_submodule(name) for name in self.target_names}
+        return {name: self.model.get_submodule(name) for name in self.target_names}
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [layer.values for layer in self.sparse_layers().values()]
@@ -110,7 +163,7 @@ class SparseModel(nn.Module):
     def dense_trainable_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters that are not sparse values (task heads, biases)."""
         sparse_ids = {id(p) for p in self.sparse_parameters()}
-        return [p for p in self.base_model.parameters()
+        return [p for p in self.model.parameters()
                 if p.requires_grad and id(p) not in sparse_ids and not getattr(p, "_sparseft_ddp_anchor", False)]
 
     def target_shapes(self) -> dict[str, tuple[int, int]]:
@@ -171,8 +224,14 @@ class SparseModel(nn.Module):
     def num_targeted_weights(self) -> int:
         return sum(layer.weight.numel() for layer in self.sparse_layers().values())
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counted as peft counts them: every
+        element of every parameter, the sparse values included in both."""
+        params = [p for p in self.parameters() if not getattr(p, "_sparseft_ddp_anchor", False)]
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
     def trainable_summary(self) -> dict[str, Any]:
-        total = sum(p.numel() for p in self.base_model.parameters())
+        total = sum(p.numel() for p in self.model.parameters())
         sparse = self.num_sparse_params()
         dense = self.num_head_params()
         return {
@@ -205,15 +264,42 @@ class SparseModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Write the deltas into the base weights and return the plain base model."""
-        model = unwrap_modules(self.base_model, merge=True)
+        model = unwrap_modules(self.model, merge=True)
         self.target_names = []
         return model
 
     def unload(self) -> nn.Module:
         """Return the base model with its original weights (deltas discarded)."""
-        model = unwrap_modules(self.base_model, merge=False)
+        model = unwrap_modules(self.model, merge=False)
         self.target_names = []
         return model
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator["SparseModel"]:
+        """Inside the block the targeted layers compute with the base weights alone (the
+        wrapped layers are swapped out, merged deltas and folded entries taken out of
+        the weights); on exit everything is put back bit for bit. Task heads
+        (``modules_to_save``) are trained in place, so they stay as they are."""
+        layers = self.sparse_layers()
+        merged = [name for name, layer in layers.items() if layer.merged]
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.unmerge()
+                if layer.num_folded:
+                    layer.weight.view(-1)[layer.folded_indices.long()] = layer._folded_base
+                parent, child = _parent_and_child(self.model, name)
+                setattr(parent, child, layer.base_layer)
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    parent, child = _parent_and_child(self.model, name)
+                    setattr(parent, child, layer)
+                    if layer.num_folded:  # the same expression that wrote them: the same bits
+                        layer.weight.view(-1)[layer.folded_indices.long()] = layer._folded_base + layer.folded_values
+                    if name in merged:
+                        layer.merge()
 
     # -- save / load --------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -227,13 +313,13 @@ class SparseModel(nn.Module):
         from .distributed import full_tensor
 
         for head in self.modules_to_save:
-            for pname, p in self.base_model.get_submodule(head).state_dict().items():
+            for pname, p in self.model.get_submodule(head).state_dict().items():
                 # An FSDP2-sharded head is gathered (a collective: every rank gets here).
                 tensors[f"{HEAD_PREFIX}{head}.{pname}"] = full_tensor(p.detach()).cpu().contiguous()
         return tensors
 
     def adapter_metadata(self) -> dict[str, Any]:
-        base_cfg = getattr(self.base_model, "config", None)
+        base_cfg = getattr(self.model, "config", None)
         return {
             "format_version": FORMAT_VERSION,
             "sparseft_version": __version__,
@@ -246,10 +332,16 @@ class SparseModel(nn.Module):
             },
             "targets": {name: list(layer.weight.shape) for name, layer in self.sparse_layers().items()},
             "modules_to_save": self.modules_to_save,
+            "method": method_record(self.method),
         }
 
     def save_pretrained(self, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically).
+        """Write the active adapter as ``sparseft_config.json`` and
+        ``sparseft_delta.safetensors`` (atomically).
+
+        The config records the method and its progress (``method``: e.g. a dynamic
+        schedule's update count, ID3's unmasking schedule), so that ``from_pretrained(...,
+        is_trainable=True)`` continues with the same method.
 
         Under torch.distributed only the main process (rank 0) writes: the values and
         index sets are the same on every rank (``sparseft.distributed``). Under DDP no
@@ -269,10 +361,29 @@ class SparseModel(nn.Module):
         _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
         return out
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload sparseft adapter", revision: str | None = None,
+                    create_pr: bool = False) -> Any:
+        """Upload the active adapter (its two files, nothing of the base model) to the
+        Hugging Face Hub repository ``repo_id``, creating it if needed."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="sparseft-push-") as tmp:
+            self.save_pretrained(tmp)
+            repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            return api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=tmp, repo_type="model",
+                                     commit_message=commit_message, revision=revision, create_pr=create_pr)
+
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, force: bool = False) -> "SparseModel":
+    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
+                        is_trainable: bool = False, force: bool = False) -> "SparseModel":
         """Rebuild the sparse model saved at ``path`` on top of ``base_model``.
 
+        As in peft, the result is in eval mode with frozen values and heads unless
+        ``is_trainable``; then the method recorded with the adapter is restored (a
+        dynamic schedule keeps moving its entries), and an adapter of a training-time
+        method saved without that record is refused rather than trained as static.
         Checks every index and shape; refuses an adapter made for other weights unless
         ``force`` (then only shapes must fit).
         """
@@ -288,22 +399,187 @@ class SparseModel(nn.Module):
                 f"adapter was made for a base model with fingerprint {recorded}, this one has {found}; "
                 "pass force=True (--force) to load it anyway"
             )
+        method = restore_method(config, meta, is_trainable, path)
         for p in base_model.parameters():
             p.requires_grad_(False)
         wrap_modules(base_model, list(targets), backend=config.backend)
         model = cls(base_model, config, list(targets), heads)
+        model.active_adapter = adapter_name
         _load_tensors(model, tensors)
-        if config.train_bias:
-            for layer in model.sparse_layers().values():
-                if layer.bias is not None:
-                    layer.bias.requires_grad_(True)
+        model.method = method
+        model._set_trainable(is_trainable)
+        if not is_trainable:
+            model.eval()
         return model
+
+    def _set_trainable(self, trainable: bool) -> None:
+        for layer in self.sparse_layers().values():
+            layer.values.requires_grad_(trainable)
+            if layer.bias is not None and self.sparse_config.train_bias:
+                layer.bias.requires_grad_(trainable)
+        for head in self.modules_to_save:
+            self.model.get_submodule(head).requires_grad_(trainable)
+
+    # -- named adapters -------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """The active adapter first, then the others in the order they were added."""
+        return [self.active_adapter, *self._inactive]
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"config": self.sparse_config, "tensors": self.adapter_tensors(), "method": self.method}
+
+    def _adapter(self, name: str) -> dict[str, Any]:
+        if name == self.active_adapter:
+            return self._snapshot()
+        if name not in self._inactive:
+            raise ValueError(f"no adapter named {name!r}; this model holds {', '.join(self.adapter_names)}")
+        return self._inactive[name]
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     force: bool = False) -> None:
+        """Read the adapter at ``path`` as ``adapter_name`` (not activated: see ``set_adapter``).
+        It must target the same modules (and heads) as this model's adapters."""
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"an adapter named {adapter_name!r} is already loaded")
+        meta, tensors = read_adapter(path)
+        shapes = {n: list(s) for n, s in self.target_shapes().items()}
+        if meta["targets"] != shapes or meta.get("modules_to_save", []) != self.modules_to_save:
+            raise AdapterError(f"adapter {path} targets other modules or heads than this model's adapters; "
+                               "adapters on one base must target the same modules")
+        if meta["base_model"].get("fingerprint") != self.fingerprint and not force:
+            raise AdapterError(f"adapter {path} was made for a base model with fingerprint "
+                               f"{meta['base_model'].get('fingerprint')}, this one has {self.fingerprint}; pass force=True")
+        config = SparseConfig.from_dict(meta["sparse_config"])
+        self._inactive[adapter_name] = {"config": config, "tensors": tensors,
+                                        "method": restore_method(config, meta, is_trainable, path)}
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: its entries, folded entries, task heads,
+        config and method move into the model; the previously active one is kept aside."""
+        if adapter_name == self.active_adapter:
+            return
+        target = self._adapter(adapter_name)
+        layers = self.sparse_layers()
+        if any(layer.merged for layer in layers.values()):
+            raise RuntimeError("unmerge the active adapter before switching adapters")
+        trainable = any(p.requires_grad for p in self.sparse_parameters())
+        current = self._snapshot()
+        for layer in layers.values():
+            layer.restore_base()
+        _load_tensors(self, target["tensors"])
+        self._set_trainable(trainable)
+        self.sparse_config, self.method = target["config"], target["method"]
+        del self._inactive[adapter_name]
+        self._inactive[self.active_adapter] = current
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget ``adapter_name``; deleting the active adapter activates the next one."""
+        self._adapter(adapter_name)
+        if adapter_name == self.active_adapter:
+            if not self._inactive:
+                raise ValueError(f"{adapter_name!r} is the only adapter: there is nothing to switch to")
+            self.set_adapter(next(iter(self._inactive)))
+        del self._inactive[adapter_name]
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name`` = sum_i weights[i] * adapters[i], exactly: on each layer its
+        entries are the union of the adapters' entries (folded ones included) and its
+        values the weighted sums. Not activated (see ``set_adapter``). Task heads are not
+        summed: the adapters must carry identical heads, which the new one keeps."""
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"an adapter named {adapter_name!r} is already loaded")
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError("give one weight per adapter, and at least one adapter")
+        snaps = [self._adapter(name) for name in adapters]
+        tensors = {}
+        for name, layer in self.sparse_layers().items():
+            parts = [(s["tensors"][f"{name}.{i}"].long(), s["tensors"][f"{name}.{v}"], w)
+                     for s, w in zip(snaps, weights)
+                     for i, v in (("indices", "values"), ("folded_indices", "folded_values"))
+                     if f"{name}.{i}" in s["tensors"]]
+            union = torch.unique(torch.cat([idx for idx, _, _ in parts]))  # sorted
+            total = torch.zeros(union.numel(), dtype=torch.float64)
+            for idx, values, w in parts:
+                total.index_add_(0, torch.searchsorted(union, idx), values.double() * float(w))
+            tensors[f"{name}.indices"] = union.to(torch.int32)
+            tensors[f"{name}.values"] = total.to(layer.values.dtype)
+        heads = [{k: v for k, v in s["tensors"].items() if k.startswith(HEAD_PREFIX)} for s in snaps]
+        if any(h.keys() != heads[0].keys() or not all(torch.equal(h[k], heads[0][k]) for k in h) for h in heads[1:]):
+            raise ValueError("the adapters carry different task heads (modules_to_save); a weighted sum of heads "
+                             "is not defined")
+        tensors.update(heads[0])
+        self._inactive[adapter_name] = {"config": dataclasses.replace(snaps[0]["config"]), "tensors": tensors,
+                                        "method": None}
+
+
+def method_record(method: Any) -> dict[str, Any] | None:
+    """The method's name and its JSON-able state, kept with the adapter. Tensors (a scoring
+    window's partial gradient sums, as large as the weights) stay out: they belong to
+    training checkpoints, so a continued run starts a fresh scoring window."""
+    if method is None:
+        return None
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items() if not _holds_tensor(v)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return {"name": method.name, "state": plain(method.state_dict())}
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
+def restore_method(config: SparseConfig, meta: dict[str, Any], is_trainable: bool, where: Any) -> Any:
+    """The method object of a saved adapter, its recorded state restored; None for an
+    adapter saved without a method record (older sparseft) that is not to be trained.
+    Training such an adapter further is refused when its method changes index sets
+    during training (it would silently train as a static one)."""
+    from .methods import get_method  # methods build on this module
+
+    method = get_method(config)
+    record = meta.get("method")
+    if record is None:
+        if is_trainable and method.name != "static":
+            raise AdapterError(
+                f"adapter {where} was trained with the {method.name} method but saved without its state "
+                "(an older sparseft): it cannot be continued as that method. Load it with is_trainable=False, "
+                "or resume the run from a training checkpoint")
+        return None if not is_trainable else method
+    if not isinstance(record, dict) or record.get("name") != method.name or not isinstance(record.get("state"), dict):
+        raise AdapterError(f"adapter {where}: its method record does not match its config (method {method.name})")
+    method.load_state_dict(record["state"])
+    return method
+
+
+def adapter_files(folder: Path) -> tuple[Path, Path]:
+    """The config and weights files of the adapter in ``folder``: sparseft's own names,
+    or the PEFT-like names that older sparseft versions wrote."""
+    if not (folder / CONFIG_NAME).exists() and (folder / LEGACY_CONFIG_NAME).is_file():
+        try:
+            legacy = "sparse_config" in json.loads((folder / LEGACY_CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            legacy = False
+        if legacy:
+            return folder / LEGACY_CONFIG_NAME, folder / LEGACY_WEIGHTS_NAME
+    return folder / CONFIG_NAME, folder / WEIGHTS_NAME
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and structurally validate an adapter folder (safetensors only, no pickle)."""
     folder = Path(path)
-    cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    cfg_path, weights_path = adapter_files(folder)
     for f in (cfg_path, weights_path):
         if not f.is_file():
             raise AdapterError(f"no adapter at {folder}: {f.name} is missing")
@@ -331,7 +607,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     if not isinstance(recorded, str):
         raise AdapterError(f"{cfg_path} lacks weights_sha256: not a complete sparseft adapter")
     if file_sha256(weights_path) != recorded:
-        raise AdapterError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: "
+        raise AdapterError(f"{weights_path} does not match the checksum in {cfg_path.name}: "
                            "the file is corrupt, or the two files come from different saves")
     try:
         tensors = load_file(str(weights_path))
@@ -349,7 +625,7 @@ def _check_tensors(targets: dict, heads: list[str], tensors: dict[str, torch.Ten
     missing = sorted(expected - tensors.keys())
     extra = sorted(k for k in tensors.keys() - expected if not any(k.startswith(f"{HEAD_PREFIX}{h}.") for h in heads))
     if missing or extra:
-        raise AdapterError(f"{where}: tensors do not match adapter_config.json (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise AdapterError(f"{where}: tensors do not match the adapter's config (missing {missing[:3]}, unexpected {extra[:3]})")
     for name, (rows, cols) in targets.items():
         idx, vals = tensors[f"{name}.indices"], tensors[f"{name}.values"]
         if idx.dtype != torch.int32:
@@ -400,7 +676,7 @@ def _load_tensors(model: SparseModel, tensors: dict[str, torch.Tensor]) -> None:
         if f"{name}.folded_indices" in tensors:
             layer.set_folded(tensors[f"{name}.folded_indices"], tensors[f"{name}.folded_values"])
     for head in model.modules_to_save:
-        module = model.base_model.get_submodule(head)
+        module = model.model.get_submodule(head)
         prefix = f"{HEAD_PREFIX}{head}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:

@@ -102,7 +102,7 @@ def _loss_of(out: Any) -> torch.Tensor:
 
 def _is_causal_lm(model: nn.Module) -> bool:
     """Whether the model's loss shifts the labels by one (Hugging Face causal LM heads)."""
-    inner = model.base_model if getattr(model, "sparse_config", None) is not None else model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(inner).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 

@@ -5,12 +5,13 @@ control to the method (which may change index sets and reset optimizer entries).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -148,6 +149,15 @@ class PeakMemory:
             self.extra_mb = max(0.0, peak - self.start_mb)
 
 
+@dataclass
+class StepContext:
+    """What ``SparseController.step`` hands the block: the step's number (1-based) and
+    the batch passed to the method after the step (settable inside the block)."""
+
+    number: int
+    batch: Any = None
+
+
 class SparseController:
     """The per-step logic shared by ``train`` and ``SparseCallback``.
 
@@ -170,6 +180,7 @@ class SparseController:
         self.model = model
         self.optimizer = optimizer
         self.active_counts: list[int] = []
+        self.steps_done = 0  # optimizer steps taken through ``step``
         self.grad_sync = None
         if hasattr(model, "sparse_parameters"):
             ignore_sparse_values(model)
@@ -181,6 +192,7 @@ class SparseController:
 
     def train_begin(self, total_steps: int | None, optimizer: Any = None) -> None:
         self.active_counts = []
+        self.steps_done = 0
         if self.grad_sync is not None and launched_distributed():  # one process: no hooks at all
             self.grad_sync.attach()
         if self.method is not None:
@@ -214,6 +226,35 @@ class SparseController:
         method = getattr(self.model, "method", None)
         if method is not None:
             method.on_step(step, self.model, optimizer or self.optimizer, batch)
+
+    @contextlib.contextmanager
+    def step(self, optimizer: Any = None, batch: Any = None, max_grad_norm: float | None = None,
+             scheduler: Any = None) -> Iterator[StepContext]:
+        """One optimizer step around the caller's forward and backward passes::
+
+            with controller.step(optimizer, batch) as s:
+                model(**batch).loss.backward()
+
+        Entering calls ``before_optimizer_step``; leaving calls ``before_update``, clips the
+        gradients (``max_grad_norm``), steps the optimizer (and ``scheduler``), zeroes the
+        gradients and calls ``after_optimizer_step``. Steps are numbered from 1 by the
+        controller (``s.number``); an exception inside the block leaves the step untaken.
+        """
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            raise ValueError("controller.step needs an optimizer (pass it here or to SparseController)")
+        ctx = StepContext(self.steps_done + 1, batch)
+        self.before_optimizer_step(ctx.number)
+        yield ctx
+        self.before_update(ctx.number, optimizer)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.steps_done = ctx.number
+        self.after_optimizer_step(ctx.number, ctx.batch, optimizer)
 
 
 def _count_tokens(batch: dict) -> int:

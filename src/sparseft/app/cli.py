@@ -38,6 +38,14 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .exporting import export_adapter
+
+    for path in export_adapter(ns.adapter, merged=ns.merged, peft=ns.peft, model=ns.model, force=ns.force):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_sweep(ns: argparse.Namespace) -> int:
     results = run_sweep(ns.grid, dry_run=ns.dry_run)
     print(f"results: {results}")
@@ -52,7 +60,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "plot": cmd_plot}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "sweep": cmd_sweep, "plot": cmd_plot}
     try:
         return handlers[ns.command](ns)
     except (ConfigError, AdapterError, DataError, ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:

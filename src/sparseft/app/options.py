@@ -19,6 +19,7 @@ BASELINE_METHODS = ("lora", "full", "shira", "supertuning")  # == baselines.BASE
 EPILOG = """examples:
   sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
   sparseft eval --adapter runs/x/adapter --task rt-sentiment
+  sparseft export --adapter runs/x/adapter --merged runs/x/merged   # a plain transformers model
   sparseft train --resume runs/x          # continue from the newest checkpoint
   sparseft train --method lora --lora-rank 8 --out runs/lora8
   sparseft train --model smollm2 --task rt-gen --method random --match-lora-rank 4 --out runs/gen
@@ -128,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
     _add_data_options(e, None)
     e.add_argument("--seed", type=int, help="data split seed (default: the one recorded in the adapter)")
+
+    x = sub.add_parser("export", help="write an adapter as a plain transformers model or a peft adapter",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("--adapter", required=True, help="an adapter folder written by 'sparseft train'")
+    x.add_argument("--merged", help="folder for the base model with the deltas merged in (AutoModel loads it)")
+    x.add_argument("--peft", help="folder for a peft Super-Tuning adapter (peft.PeftModel loads it; nn.Linear targets only)")
+    x.add_argument("--model", help="base model folder (default: the one recorded in the adapter)")
+    x.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
 
     sw = sub.add_parser("sweep", help="run a grid of methods x budgets x learning rates x seeds (resumes)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

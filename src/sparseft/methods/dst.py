@@ -103,3 +103,15 @@ class DST(Method):
 
     def state_dict(self) -> dict:
         return {"budget": self.budget, "shares": self.shares, "dense": self.dense}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.budget = int(state["budget"])
+        self.shares = {str(k): int(v) for k, v in state["shares"].items()}
+        self.dense = bool(state["dense"])
+
+    def on_train_begin(self, total_steps: int | None, model: Any) -> None:
+        super().on_train_begin(total_steps, model)
+        if not self.dense:
+            raise ValueError("this DST adapter was already compacted to its sparse form; DST cannot continue from "
+                             "there (it trains the full silos). Resume the run from its training checkpoint, or "
+                             "train the loaded entries further as a static mask")

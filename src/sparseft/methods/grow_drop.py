@@ -99,4 +99,6 @@ class GrowDrop(Method):
     def load_state_dict(self, state: dict) -> None:
         self.budget = int(state["budget"])
         self.swapped = [tuple(s) for s in state.get("swapped", [])]
+        if not hasattr(self, "_dense"):  # restored without init (a loaded adapter)
+            self._dense = GradientSum()
         self._dense.buffers = dict(state.get("window_grads", {}))

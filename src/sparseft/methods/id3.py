@@ -204,7 +204,14 @@ class ID3(Method):
         super().on_train_begin(total_steps, model)
         if total_steps is None or total_steps < 1:
             raise ValueError("ID3 needs the planned number of optimizer steps (train with sparseft.train or SparseCallback)")
-        self.counts = unmask_schedule(total_steps, self.budget, self.config.unmask_every)
+        counts = unmask_schedule(total_steps, self.budget, self.config.unmask_every)
+        if model.num_sparse_params() and self.counts is not None and counts != self.counts:
+            # A loaded ID3 adapter continued with another schedule would unmask past its budget.
+            raise ValueError(
+                f"this ID3 adapter already unmasked {model.num_sparse_params()} entries on a {len(self.counts)}-step "
+                f"schedule; continuing it over {total_steps} steps is not supported. Resume the run from its "
+                "training checkpoint (same steps), or train the loaded entries further as a static mask")
+        self.counts = counts
 
     def _to_unmask(self, step: int) -> int:
         if self.counts is None:
@@ -240,3 +247,9 @@ class ID3(Method):
 
     def state_dict(self) -> dict:
         return {"budget": self.budget, "counts": self.counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.budget = int(state["budget"])
+        self.counts = None if state.get("counts") is None else [int(c) for c in state["counts"]]
+        if not hasattr(self, "_dense"):  # restored without init (a loaded adapter)
+            self._dense = GradientSum()
