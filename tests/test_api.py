@@ -251,3 +251,16 @@ def test_push_to_hub_uploads_only_the_adapter(monkeypatch):
     assert upload[0:3] == ("upload_folder", "me/my-adapter", ["sparseft_config.json", "sparseft_delta.safetensors"])
     dense = sum(p.numel() * p.element_size() for p in model.model.parameters())
     assert sum(upload[3].values()) < dense / 5
+
+
+def test_load_state_dict_takes_index_sets_of_another_size():
+    model = sparseft.get_sparse_model(tiny_one_layer_bert(0), sparseft.SparseConfig(method="id3", density=0.05))
+    train(model, toy_batches(3), TrainingArguments(lr=5e-2, max_steps=3, warmup_ratio=0.0, progress=False))
+    fresh = sparseft.get_sparse_model(tiny_one_layer_bert(0), sparseft.SparseConfig(method="id3", density=0.05))
+    assert fresh.num_sparse_params() == 0 < model.num_sparse_params()
+    fresh.load_state_dict(model.state_dict())
+    for (n, a), b in zip(model.sparse_layers().items(), fresh.sparse_layers().values()):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values), n
+    batch = toy_batches(1, seed=4)[0]
+    model.eval(), fresh.eval()
+    assert torch.equal(logits(model, batch), logits(fresh, batch))

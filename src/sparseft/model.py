@@ -169,6 +169,17 @@ class SparseModel(nn.Module):
     def target_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: linear_shape(layer.base_layer) for name, layer in self.sparse_layers().items()}
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, also for index sets of another size than the
+        current ones (an ID3 or dynamic run saved mid-training): each layer's
+        ``indices`` and ``values`` go in through ``set_indices`` first."""
+        state = dict(state_dict)
+        for name, layer in self.sparse_layers().items():
+            idx_key, val_key = f"model.{name}.indices", f"model.{name}.values"
+            if idx_key in state and val_key in state and state[idx_key].shape != layer.indices.shape:
+                layer.set_indices(state[idx_key].to(torch.int32), state[val_key].to(layer.values.dtype))
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
     # -- index sets ---------------------------------------------------------------
     def set_index_sets(self, index_sets: Mapping[str, torch.Tensor], optimizer: Any = None,
                        drop_policy: str = "zero") -> dict[str, int]:

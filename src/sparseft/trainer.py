@@ -28,8 +28,10 @@ METHOD_STATE_TENSORS = "sparseft_method_state.safetensors"
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
-class SparseTrainer(Trainer):
-    """``transformers.Trainer`` for a ``SparseModel``; takes the Trainer's arguments.
+class SparseTrainerMixin:
+    """What makes a ``transformers.Trainer`` subclass train a ``SparseModel``; put it first
+    in the bases of any Trainer subclass (``class SparseSFT(SparseTrainerMixin,
+    trl.SFTTrainer)``). ``SparseTrainer`` is this mixin on ``transformers.Trainer``.
 
     Unless ``optimizers=`` is given, the optimizer is ``SparseAdamW`` over the sparse
     values (with ``args.weight_decay``) and the dense task heads/biases (without), at
@@ -97,6 +99,11 @@ class SparseTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         load_adapter_checkpoint(self.sparse_model, self.state.best_model_checkpoint, method_state=False)
+
+
+class SparseTrainer(SparseTrainerMixin, Trainer):
+    """``transformers.Trainer`` for a ``SparseModel``; takes the Trainer's arguments (see
+    ``SparseTrainerMixin`` for what it sets itself)."""
 
 
 def _moves_entries(model: SparseModel) -> bool:
