@@ -438,7 +438,9 @@ class SparseModel(nn.Module):
         return [self.active_adapter, *self._inactive]
 
     def _snapshot(self) -> dict[str, Any]:
-        return {"config": self.sparse_config, "tensors": self.adapter_tensors(), "method": self.method}
+        # Copies: on CPU the tensors would share storage with the live values and heads.
+        tensors = {k: v.clone() for k, v in self.adapter_tensors().items()}
+        return {"config": self.sparse_config, "tensors": tensors, "method": self.method}
 
     def _adapter(self, name: str) -> dict[str, Any]:
         if name == self.active_adapter:
