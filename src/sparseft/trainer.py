@@ -9,6 +9,7 @@ that changed size included (they are restored through ``set_indices``).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -48,7 +49,9 @@ class SparseTrainerMixin:
             self.sparse_callback = SparseCallback(model)
             callbacks = [*(callbacks or []), self.sparse_callback]
         self._saving_checkpoint = False
+        forward = model.__dict__.get("forward")
         super().__init__(model, *args, callbacks=callbacks, **kwargs)
+        _move_fused_lm_head(model, forward)
         # The Trainer reads label names and loss support off the model's class; a
         # SparseModel's forward is the base model's.
         base_cls = type(model.get_base_model())
@@ -104,6 +107,26 @@ class SparseTrainerMixin:
 class SparseTrainer(SparseTrainerMixin, Trainer):
     """``transformers.Trainer`` for a ``SparseModel``; takes the Trainer's arguments (see
     ``SparseTrainerMixin`` for what it sets itself)."""
+
+
+def _move_fused_lm_head(model: SparseModel, forward: Any) -> None:
+    """trl's ``SFTTrainer`` replaces the forward of the model it is given by one with a
+    fused LM head, which reads the transformers backbone (``base_model``) off that model.
+    On a SparseModel (which does not offer ``base_model``) the patch is undone and made
+    again on the wrapped transformers model, as trl does for a peft model; the SparseModel's
+    forward passes ``fused_lm_head=True`` through to it."""
+    patched = model.__dict__.get("forward")
+    code = getattr(getattr(patched, "__func__", None), "__code__", None)
+    if patched is forward or code is None or "fused_lm_head" not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+        return
+    from trl.trainer.utils import add_fused_lm_head
+
+    # the settings trl patched with, read back from the patch's closure
+    cells = dict(zip(patched.__func__.__code__.co_freevars, patched.__func__.__closure__ or ()))
+    settings = {k: cells[k].cell_contents for k in inspect.signature(add_fused_lm_head).parameters
+                if k != "model" and k in cells}
+    model.forward = forward
+    add_fused_lm_head(model.get_base_model(), **settings)
 
 
 def _moves_entries(model: SparseModel) -> bool:
