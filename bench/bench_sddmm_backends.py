@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from sparseft import delta, native
-from sparseft.delta import IndexLayout, sddmm
+from sparseft.delta import IndexLayout, backends, sddmm
 
 # (rows, cols, tokens, entries)
 CASES = [
@@ -74,7 +74,7 @@ def main() -> None:
                 times[b] += time_backend(g, x, layout, b, args.reps)
         med = {b: statistics.median(v) * 1e6 for b, v in times.items()}
         if native.available():
-            few = k < delta.NATIVE_GATHER_ENTRIES_PER_FEATURE * (rows + cols) and tokens * k <= delta.GATHER_AUTO_LIMIT
+            few = k < backends.NATIVE_GATHER_ENTRIES_PER_FEATURE * (rows + cols) and tokens * k <= backends.GATHER_AUTO_LIMIT
             picks = "gather" if few else "native"
         else:
             picks = "gather" if delta.gather_is_cheaper(tokens, k, rows, cols) else "sampled_addmm"

@@ -1,7 +1,7 @@
 """The CPU sampled_addmm SDDMM of one layer: the loop of 2-D calls over token chunks (each
 operand transposed per chunk) against one batched call over token blocks of several sizes.
 
-Each variant sets ``delta.SDDMM_TOKEN_BLOCK`` (0: the chunked loop with
+Each variant sets ``backends.SDDMM_TOKEN_BLOCK`` (0: the chunked loop with
 ``SDDMM_TOKEN_CHUNK``) and times ``delta.sddmm(..., "sampled_addmm")`` on random operands,
 interleaved round-robin, median over the rounds. Shapes: MiniLM's layers at 2,048 tokens
 (batch 32 x 64) and 3.1 % density, SmolLM2's at 512 tokens (2 x 256) and 2.3 %, the
@@ -27,6 +27,7 @@ import time
 import torch
 
 import sparseft.delta as delta
+from sparseft.delta import backends
 
 # (rows, cols, tokens, density)
 CASES = [(384, 384, 2048, 0.031), (1536, 384, 2048, 0.031), (384, 1536, 2048, 0.031),
@@ -42,10 +43,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    delta.SDDMM_BLOCKS_MIN_THREADS = 1  # compare the two paths at any thread count
+    backends.SDDMM_BLOCKS_MIN_THREADS = 1  # compare the two paths at any thread count
     blocks = [int(b) for b in args.blocks.split(",")]
     gen = torch.Generator().manual_seed(0)
-    default_block = delta.SDDMM_TOKEN_BLOCK
+    default_block = backends.SDDMM_TOKEN_BLOCK
     rows = []
     print("| weight | tokens | entries | " + " | ".join(f"block {b or 'off (chunks)'} ms" for b in blocks)
           + f" | best | block {default_block}, as is ms |")
@@ -59,12 +60,12 @@ def main() -> None:
         times = {v: [] for v in variants}
         for r in range(args.rounds + 3):
             for b, transpose_wide in variants:
-                delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_TRANSPOSE_WIDE = b, transpose_wide
+                backends.SDDMM_TOKEN_BLOCK, backends.SDDMM_TRANSPOSE_WIDE = b, transpose_wide
                 t0 = time.perf_counter()
                 delta.sddmm(g, x, layout, "sampled_addmm")
                 if r >= 3:
                     times[(b, transpose_wide)].append(time.perf_counter() - t0)
-        delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_TRANSPOSE_WIDE = default_block, True
+        backends.SDDMM_TOKEN_BLOCK, backends.SDDMM_TRANSPOSE_WIDE = default_block, True
         as_is = statistics.median(times.pop((default_block, False))) * 1000
         times = {b: times[(b, True)] for b in blocks}
         med = {b: statistics.median(v) * 1000 for b, v in times.items()}
@@ -76,7 +77,7 @@ def main() -> None:
               + f" | {best} | {as_is:.2f} |")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "chunk": delta.SDDMM_TOKEN_CHUNK,
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "chunk": backends.SDDMM_TOKEN_CHUNK,
                 "machine": platform.machine(), "loadavg_end": os.getloadavg(), "argv": sys.argv[1:]}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

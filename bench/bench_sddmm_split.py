@@ -16,6 +16,7 @@ import time
 import torch
 
 import sparseft.delta as delta
+from sparseft.delta import backends
 
 
 def per_call_ms(fn, reps: int) -> float:
@@ -41,32 +42,32 @@ def main() -> None:
         idx = torch.randperm(n)[:int(args.density * n)].sort().values.to(torch.int32)
         layout = delta.IndexLayout(idx, (out_f, in_f))
         g, x = torch.randn(args.tokens, out_f), torch.randn(args.tokens, in_f)
-        chunks = max(1, round(args.tokens / delta.SDDMM_TOKEN_CHUNK))
-        n_blocks = max(1, round(args.tokens / delta.SDDMM_TOKEN_BLOCK))
+        chunks = max(1, round(args.tokens / backends.SDDMM_TOKEN_CHUNK))
+        n_blocks = max(1, round(args.tokens / backends.SDDMM_TOKEN_BLOCK))
 
         def transposes():  # what the chunked path transposes, chunk by chunk
             for c in range(chunks):
                 s, e = args.tokens * c // chunks, args.tokens * (c + 1) // chunks
-                delta._transposed_into_scratch(g[s:e], "row")
-                delta._transposed_into_scratch(x[s:e], "col")
+                backends._transposed_into_scratch(g[s:e], "row")
+                backends._transposed_into_scratch(x[s:e], "col")
 
         def reorders():  # what the batched path reorders (no shared input here)
-            delta._token_blocked(g, n_blocks, "row-blocks")
-            delta._token_blocked(x, n_blocks, "col-blocks")
+            backends._token_blocked(g, n_blocks, "row-blocks")
+            backends._token_blocked(x, n_blocks, "col-blocks")
 
         def sddmm_with(block: int) -> float:
-            saved = delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_BLOCKS_MIN_THREADS
-            delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_BLOCKS_MIN_THREADS = block, 1
+            saved = backends.SDDMM_TOKEN_BLOCK, backends.SDDMM_BLOCKS_MIN_THREADS
+            backends.SDDMM_TOKEN_BLOCK, backends.SDDMM_BLOCKS_MIN_THREADS = block, 1
             try:
                 return per_call_ms(lambda: delta.sddmm(g, x, layout, "sampled_addmm"), args.reps)
             finally:
-                delta.SDDMM_TOKEN_BLOCK, delta.SDDMM_BLOCKS_MIN_THREADS = saved
+                backends.SDDMM_TOKEN_BLOCK, backends.SDDMM_BLOCKS_MIN_THREADS = saved
 
         row = {"weight": [out_f, in_f], "entries": layout.numel,
                "chunks_transposes_ms": per_call_ms(transposes, args.reps),
                "chunks_sddmm_ms": sddmm_with(0),
                "blocks_reorders_ms": per_call_ms(reorders, args.reps),
-               "blocks_sddmm_ms": sddmm_with(delta.SDDMM_TOKEN_BLOCK),
+               "blocks_sddmm_ms": sddmm_with(backends.SDDMM_TOKEN_BLOCK),
                "dense_grad_ms": per_call_ms(lambda: g.t().matmul(x), args.reps)}
         rows.append(row)
         print(f"{out_f}x{in_f}: chunks: transposes {row['chunks_transposes_ms']:.1f} of {row['chunks_sddmm_ms']:.1f} ms; "
@@ -74,7 +75,7 @@ def main() -> None:
               f"dense weight gradient {row['dense_grad_ms']:.1f} ms")
     if args.out:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": args.tokens,
-                "density": args.density, "chunk": delta.SDDMM_TOKEN_CHUNK, "block": delta.SDDMM_TOKEN_BLOCK}
+                "density": args.density, "chunk": backends.SDDMM_TOKEN_CHUNK, "block": backends.SDDMM_TOKEN_BLOCK}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 

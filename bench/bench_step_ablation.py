@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402
 
-import sparseft.delta as delta  # noqa: E402
+from sparseft.delta import function as delta_function  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()
 
-    real_sddmm, real_weight = delta.sddmm, delta.with_effective_weight
+    real_sddmm, real_weight = delta_function.sddmm, delta_function.with_effective_weight
 
     def zero_sddmm(row_factor, col_factor, layout, backend, *owners):
         return row_factor.new_zeros(layout.numel)
@@ -56,18 +56,18 @@ def main() -> None:
     try:
         for rep in range(args.warmup + args.reps):
             for name, (sddmm, weight) in variants.items():
-                delta.sddmm, delta.with_effective_weight = sddmm, weight
+                delta_function.sddmm, delta_function.with_effective_weight = sddmm, weight
                 t0 = time.perf_counter()
                 sparse_step()
                 if rep >= args.warmup:
                     times[name].append(time.perf_counter() - t0)
-            delta.sddmm, delta.with_effective_weight = real_sddmm, real_weight
+            delta_function.sddmm, delta_function.with_effective_weight = real_sddmm, real_weight
             t0 = time.perf_counter()
             floor_step()
             if rep >= args.warmup:
                 times["floor"].append(time.perf_counter() - t0)
     finally:
-        delta.sddmm, delta.with_effective_weight = real_sddmm, real_weight
+        delta_function.sddmm, delta_function.with_effective_weight = real_sddmm, real_weight
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print("| variant | step ms | / floor |\n|---|---|---|")
     for name, ms in median.items():

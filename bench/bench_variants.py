@@ -7,10 +7,10 @@ round-robin with the frozen floor and peft LoRA r=8, so every ratio comes from o
 of machine time. Variants are written ``mode`` or ``mode/backend``, e.g.
 ``clone,scratch,inplace,auto/gather``, with the library's defaults otherwise. A ``+fresh``
 suffix makes the SDDMM transpose into fresh tensors instead of the reused scratch buffers
-(``delta.TRANSPOSE_SCRATCH = False``, which also turns the batched token blocks off); a
+(``backends.TRANSPOSE_SCRATCH = False``, which also turns the batched token blocks off); a
 ``+blockN`` suffix runs one batched sampled_addmm over token blocks of about N tokens
-(``delta.SDDMM_TOKEN_BLOCK = N``); a ``+chunkN`` suffix the earlier loop of 2-D calls over
-chunks of about N tokens (``delta.SDDMM_TOKEN_CHUNK = N``, ``SDDMM_TOKEN_BLOCK = 0``).
+(``backends.SDDMM_TOKEN_BLOCK = N``); a ``+chunkN`` suffix the earlier loop of 2-D calls over
+chunks of about N tokens (``backends.SDDMM_TOKEN_CHUNK = N``, ``SDDMM_TOKEN_BLOCK = 0``).
 
 Reproduce::
 
@@ -36,18 +36,16 @@ DEFAULTS = {}
 
 
 def set_variant(model, variant: str) -> None:
-    from sparseft.delta import SparseDeltaLayer
-
-    from sparseft import delta
+    from sparseft.delta import SparseDeltaLayer, backends
 
     if not DEFAULTS:
-        DEFAULTS.update(block=delta.SDDMM_TOKEN_BLOCK, chunk=delta.SDDMM_TOKEN_CHUNK)
+        DEFAULTS.update(block=backends.SDDMM_TOKEN_BLOCK, chunk=backends.SDDMM_TOKEN_CHUNK)
     variant, fresh, _ = variant.partition("+fresh")
-    delta.TRANSPOSE_SCRATCH = not fresh
+    backends.TRANSPOSE_SCRATCH = not fresh
     variant, _, block = variant.partition("+block")
     variant, _, chunk = variant.partition("+chunk")
-    delta.SDDMM_TOKEN_BLOCK = int(block) if block else (0 if chunk else DEFAULTS["block"])
-    delta.SDDMM_TOKEN_CHUNK = int(chunk) if chunk else DEFAULTS["chunk"]
+    backends.SDDMM_TOKEN_BLOCK = int(block) if block else (0 if chunk else DEFAULTS["block"])
+    backends.SDDMM_TOKEN_CHUNK = int(chunk) if chunk else DEFAULTS["chunk"]
     mode, _, backend = variant.partition("/")
     for m in model.modules():
         if isinstance(m, SparseDeltaLayer):

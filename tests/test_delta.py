@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from sparseft import delta as delta_mod
+from sparseft.delta import backends
 from sparseft.delta import IndexLayout, SparseDeltaLayer, sddmm, validate_indices
 
 SHAPES = [(8, 5), (5, 12), (1, 16), (16, 1), (7, 7)]  # (out, in): out>in, in>out, 1xN, Nx1, square
@@ -106,7 +107,7 @@ def test_values_grad_equals_dense_grad_at_indices(shape, bias, kind, backend, dt
 @pytest.mark.parametrize("backend", ["sampled_addmm", "gather"])
 def test_sddmm_matches_dense_product(backend, monkeypatch):
     # a tiny chunk size makes the gather path loop over many chunks
-    monkeypatch.setattr(delta_mod, "GATHER_CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(backends, "GATHER_CHUNK_ELEMENTS", 7)
     gen = torch.Generator().manual_seed(1)
     rows, cols, tokens = 9, 6, 5
     a = torch.randn(tokens, rows, generator=gen)
@@ -125,7 +126,7 @@ def test_sddmm_auto_uses_both_paths(monkeypatch):
     layout = IndexLayout(idx, torch.Size((5, 3)))
     ref = (a.t() @ b).reshape(-1)[idx.long()]
     for limit in (0, 1 << 30):  # 0 forces sampled_addmm, huge forces gather
-        monkeypatch.setattr(delta_mod, "GATHER_AUTO_LIMIT", limit)
+        monkeypatch.setattr(backends, "GATHER_AUTO_LIMIT", limit)
         torch.testing.assert_close(sddmm(a, b, layout, "auto"), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -368,8 +369,8 @@ def test_sddmm_reuses_transpose_buffers_across_shapes():
 
 @pytest.mark.parametrize("chunk", [0, 1, 3, 1000])
 def test_sddmm_token_chunks_match_dense_product(chunk, monkeypatch):
-    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_BLOCK", 0)  # the chunked loop of 2-D calls
-    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_CHUNK", chunk)
+    monkeypatch.setattr(backends, "SDDMM_TOKEN_BLOCK", 0)  # the chunked loop of 2-D calls
+    monkeypatch.setattr(backends, "SDDMM_TOKEN_CHUNK", chunk)
     gen = torch.Generator().manual_seed(15)
     a = torch.randn(17, 9, generator=gen)
     b = torch.randn(17, 6, generator=gen)
@@ -384,8 +385,8 @@ def test_sddmm_batched_token_blocks_match_dense_product(block, threads, monkeypa
     """One batched sampled_addmm over token blocks (17 tokens: blocks of 4 leave a tail of 1,
     blocks of 5 one of 2) gives the dense product's entries; with one thread the chunked
     loop runs instead, with the same result."""
-    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_BLOCK", block)
-    monkeypatch.setattr(delta_mod, "SDDMM_BLOCKS_MIN_THREADS", 2)
+    monkeypatch.setattr(backends, "SDDMM_TOKEN_BLOCK", block)
+    monkeypatch.setattr(backends, "SDDMM_BLOCKS_MIN_THREADS", 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     gen = torch.Generator().manual_seed(16)
     a = torch.randn(17, 9, generator=gen, dtype=torch.float64)
@@ -397,8 +398,8 @@ def test_sddmm_batched_token_blocks_match_dense_product(block, threads, monkeypa
 
 
 def _force_token_blocks(monkeypatch, block=4):
-    monkeypatch.setattr(delta_mod, "SDDMM_TOKEN_BLOCK", block)
-    monkeypatch.setattr(delta_mod, "SDDMM_BLOCKS_MIN_THREADS", 1)
+    monkeypatch.setattr(backends, "SDDMM_TOKEN_BLOCK", block)
+    monkeypatch.setattr(backends, "SDDMM_BLOCKS_MIN_THREADS", 1)
     delta_mod.release_scratch()
 
 
@@ -410,9 +411,9 @@ def test_layers_sharing_an_input_reorder_it_once_with_exact_grads(kind, dtype, m
     bf16 the operands are upcast to fresh fp32 copies first, which are not shared."""
     _force_token_blocks(monkeypatch)
     copies = []
-    real = delta_mod._scratch_flat
+    real = backends._scratch_flat
     reorder_slots = ("row-blocks", "col-blocks")  # not the compiled kernel's working buffers (tail tokens)
-    monkeypatch.setattr(delta_mod, "_scratch_flat",
+    monkeypatch.setattr(backends, "_scratch_flat",
                         lambda slot, n, like: (slot in reorder_slots and copies.append(slot)) or real(slot, n, like))
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
@@ -509,7 +510,7 @@ def test_batched_sddmm_split_into_bounded_calls(max_tokens, monkeypatch):
     """Long batches go through several batched calls of at most SDDMM_CALL_MAX_TOKENS tokens
     (bounded reorder buffers); the result is the same."""
     _force_token_blocks(monkeypatch, block=2)
-    monkeypatch.setattr(delta_mod, "SDDMM_CALL_MAX_TOKENS", max_tokens)
+    monkeypatch.setattr(backends, "SDDMM_CALL_MAX_TOKENS", max_tokens)
     gen = torch.Generator().manual_seed(19)
     x = torch.randn(17, 6, generator=gen, dtype=torch.float64)
     g = torch.randn(17, 5, generator=gen, dtype=torch.float64)

@@ -9,7 +9,7 @@ import torch
 import sparseft
 from conftest import tiny_one_layer_bert as tiny_bert
 from conftest import toy_batches
-from sparseft.methods.id3 import d3_score, global_topk, unmask_schedule
+from sparseft.methods.id3 import d3_score, unmask_schedule
 from sparseft.optim import SparseAdamW
 from sparseft.select import select_topk
 from sparseft.train import SparseController, TrainingArguments, train
@@ -155,41 +155,6 @@ def test_unmasking_excludes_entries_already_active():
     opt = SparseAdamW(model.sparse_parameters(), lr=1e-2)
     run_steps(model, toy_batches(3), opt, 3)
     assert model.num_sparse_params() == 60  # 20 new, distinct entries per step
-
-
-def test_global_topk_matches_select_topk_with_ties_and_nan():
-    gen = torch.Generator().manual_seed(0)
-    scores = {"a": torch.randint(0, 5, (40,), generator=gen).float(), "b": torch.randint(0, 5, (25,), generator=gen).float(),
-              "c": torch.full((9,), float("-inf"))}
-    scores["a"][3] = float("nan")
-    for k in (0, 1, 7, 30, 65):
-        got, want = global_topk(scores, k), select_topk(scores, k, "global")
-        for n in scores:
-            assert torch.equal(got[n], want[n]), (k, n)
-
-
-@pytest.mark.parametrize("fast_min_total", [0, None])
-def test_global_topk_sampled_threshold_is_exact(monkeypatch, fast_min_total):
-    import sparseft.methods.id3 as id3
-
-    if fast_min_total is not None:  # the small cases through the sampled path too
-        monkeypatch.setattr(id3, "FAST_MIN_TOTAL", fast_min_total)
-    gen = torch.Generator().manual_seed(3)
-    big = {"a": torch.randn(384 * 384, generator=gen).abs(), "b": torch.randn(1536 * 384, generator=gen).abs() * 2,
-           "c": torch.randint(0, 4, (384 * 384,), generator=gen).float()}  # heavy ties
-    big["a"][torch.randperm(big["a"].numel(), generator=gen)[:5000]] = float("-inf")  # already indexed
-    big["b"][:1000] = float("nan")
-    big["b"][1000:2000] = 1e9  # a clump of equal top scores in one layer
-    small = {"x": torch.tensor([float("nan"), 1.0, float("-inf"), 1.0]), "y": torch.tensor([float("-inf"), 2.0, float("nan")])}
-    lured = torch.zeros(300000)
-    lured[::5] = 1.0  # exactly the sampled entries (stride 5) are high: the first guess is too high
-    cases = ((big, (1, 999, 1000, 1001, 20000, 150000, 400000, 884736 - 500)), (small, range(0, 8)),
-             ({"z": lured}, (59999, 60000, 70000)))
-    for scores, ks in cases:
-        for k in ks:
-            got, want = id3.global_topk(scores, k), select_topk(scores, k, "global")
-            for n in scores:
-                assert torch.equal(got[n], want[n]), (k, n)
 
 
 def test_grow_with_keep_matches_set_index_sets():

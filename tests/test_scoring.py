@@ -335,37 +335,37 @@ def test_grasp_block_by_block_equals_the_whole_model_pass(arch, monkeypatch):
     """The second-order pass that rebuilds one block at a time (bert: with the pooler
     outside the blocks, so the part before the first block runs again) gives the scores
     of one forward-with-tangents and one backward of the whole model."""
-    from sparseft import scoring
+    from sparseft.scoring import grasp
 
     model, batches = _grasp_model_and_data(arch)
     layers = model.sparse_layers()
     use_cache = [getattr(m.config, "use_cache", None) for m in model.modules() if hasattr(m, "config")]
     passes = []
-    block_pass = scoring._second_order_pass
-    monkeypatch.setattr(scoring, "_second_order_pass", lambda *a: passes.append(a) or block_pass(*a))
-    by_block = scoring.grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
+    block_pass = grasp._second_order_pass
+    monkeypatch.setattr(grasp, "_second_order_pass", lambda *a: passes.append(a) or block_pass(*a))
+    by_block = grasp.grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
     assert len(passes) == 5  # 2 + 3 examples, one group
     assert use_cache == [getattr(m.config, "use_cache", None) for m in model.modules() if hasattr(m, "config")]
-    monkeypatch.setattr(scoring, "_blocks", lambda *a: None)
-    whole = scoring.grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
+    monkeypatch.setattr(grasp, "_blocks", lambda *a: None)
+    whole = grasp.grasp_scores(layers, model=model, data=batches, micro_batch=1, hg_method="forward-over-reverse")
     assert len(passes) == 5
     assert_scores_close(by_block, [whole[n] for n in model.target_names], model.target_names, rtol=1e-4, atol_frac=1e-5)
 
 
 def test_grasp_falls_back_to_double_backward(monkeypatch):
-    from sparseft import scoring
+    from sparseft.scoring import grasp
 
     model, _ = wrapped("gpt2")
     layers = model.sparse_layers()
     batches = calib_batches("gpt2")
-    expected = scoring.grasp_scores(layers, model=model, data=batches, hg_method="double-backward")
+    expected = grasp.grasp_scores(layers, model=model, data=batches, hg_method="double-backward")
 
     def unsupported(*args, **kwargs):
         raise NotImplementedError("Trying to use forward AD with aten::something_backward that does not support it.")
 
-    monkeypatch.setattr(scoring, "_hg_forward_over_reverse", unsupported)
+    monkeypatch.setattr(grasp, "_hg_forward_over_reverse", unsupported)
     with pytest.warns(RuntimeWarning, match="double backward"):
-        got = scoring.grasp_scores(layers, model=model, data=batches)
+        got = grasp.grasp_scores(layers, model=model, data=batches)
     assert all(torch.equal(got[n], expected[n]) for n in layers)
     with pytest.raises(NotImplementedError):
-        scoring.grasp_scores(layers, model=model, data=batches, hg_method="forward-over-reverse")
+        grasp.grasp_scores(layers, model=model, data=batches, hg_method="forward-over-reverse")

@@ -149,6 +149,37 @@ def test_global_topk_sampled_threshold_matches_radix(monkeypatch, min_total):
         check_topk(small, k)
 
 
+def sorted_topk(scores, k):
+    """The reference: one stable descending sort of all scores (NaN as -inf), layer order kept."""
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).float().nan_to_num(nan=float("-inf")) for n in names])
+    chosen = torch.sort(flat, descending=True, stable=True).indices[:k]
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = torch.sort(chosen[(chosen >= start) & (chosen < start + size)] - start).values.to(torch.int32)
+        start += size
+    return out
+
+
+def test_global_topk_large_cases_match_a_full_sort():
+    """Large inputs (the sampled-guess path) with masked entries, NaN, a clump of equal top
+    scores, heavy ties, and a sample that lures the first guess too high."""
+    gen = torch.Generator().manual_seed(3)
+    big = {"a": torch.randn(384 * 384, generator=gen).abs(), "b": torch.randn(1536 * 384, generator=gen).abs() * 2,
+           "c": torch.randint(0, 4, (384 * 384,), generator=gen).float()}
+    big["a"][torch.randperm(big["a"].numel(), generator=gen)[:5000]] = float("-inf")  # already indexed
+    big["b"][:1000] = float("nan")
+    big["b"][1000:2000] = 1e9
+    lured = torch.zeros(300000)
+    lured[::5] = 1.0  # exactly the sampled entries (stride 5) are high
+    for scores, ks in ((big, (1, 999, 1000, 1001, 20000, 400000, 884736 - 500)), ({"z": lured}, (59999, 60000, 70000))):
+        for k in ks:
+            got, want = select_topk(scores, k, "global"), sorted_topk(scores, k)
+            for n in scores:
+                assert torch.equal(got[n], want[n]), (k, n)
+
+
 def test_topk_budget_too_large_and_bad_selection():
     scores = {"a": torch.rand(4)}
     with pytest.raises(ConfigError, match="exceeds"):

@@ -30,7 +30,7 @@ import torch
 from ..scoring import GradientSum, random_scores
 from ..select import resolve_budget, select_topk
 from .base import Method
-from .id3 import global_topk, grow
+from .id3 import grow
 
 
 class GrowDrop(Method):
@@ -76,7 +76,7 @@ class GrowDrop(Method):
             return
         # drop: smallest |value| globally
         neg_mag = {name: -layer.values.detach().float().abs() for name, layer in layers.items()}
-        dropped = global_topk(neg_mag, n)
+        dropped = select_topk(neg_mag, n, "global", consume=True)
         keep, grow_scores = {}, {}
         for name, layer in layers.items():
             keep[name] = torch.ones(layer.num_entries, dtype=torch.bool, device=layer.indices.device)
@@ -85,7 +85,7 @@ class GrowDrop(Method):
             score = grads[name].reshape(-1).abs_() if name in grads else torch.zeros(layer.weight.numel())
             score[layer.indices.long()] = float("-inf")  # only entries not indexed before the drop
             grow_scores[name] = score
-        grow(model, global_topk(grow_scores, n), optimizer, keep=keep)
+        grow(model, select_topk(grow_scores, n, "global", consume=True), optimizer, keep=keep)
         self.swapped.append((step, n))
 
     def on_train_end(self, model: Any, optimizer: Any = None) -> None:

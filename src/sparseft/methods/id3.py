@@ -30,7 +30,7 @@ import torch
 
 from ..distributed import full_tensor
 from ..scoring import GradientSum
-from ..select import resolve_budget, sample_plan
+from ..select import resolve_budget, select_topk
 from .base import Method
 
 
@@ -60,74 +60,6 @@ def d3_score(grad: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-3, ex
     if exponent:
         score = score / (weight.detach().float().abs().reshape(-1) + epsilon).pow(exponent)
     return score
-
-
-# Below this many entries in all, global_topk simply takes per-layer top-k candidates.
-FAST_MIN_TOTAL = 1 << 18
-
-
-def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Sorted int32 positions of the ``k`` largest scores over all layers.
-
-    Same result as ``select.select_topk(..., "global")`` (ties go to the earlier layer,
-    then the lower index; NaN counts as lowest) but built for a small ``k`` taken often.
-    A threshold guessed from a strided sample of the scores makes every entry at or above
-    it a candidate; the exact top-k is then taken among the candidates (a guess that
-    yields fewer than k is lowered and tried again). The guess only decides the speed,
-    never the result.
-    """
-    names = list(scores)
-    flat = {n: scores[n].reshape(-1) for n in names}
-    if k <= 0:
-        return {n: torch.zeros(0, dtype=torch.int32, device=flat[n].device) for n in names}
-    total = sum(s.numel() for s in flat.values())
-    if k > total:
-        raise ValueError(f"cannot take {k} entries from {total} candidates")
-    if total < FAST_MIN_TOTAL:
-        return _global_topk_by_layer(flat, k)
-    stride, take = sample_plan(total, k)
-    sample = torch.cat([s[::stride].float() for s in flat.values()]).nan_to_num_(nan=float("-inf"))
-    while True:
-        guess = torch.topk(sample, take).values[-1].item() if take < sample.numel() else float("-inf")
-        positions = {n: torch.nonzero(s >= guess).flatten() for n, s in flat.items()}
-        found = sum(p.numel() for p in positions.values())
-        if found >= k or guess == float("-inf"):
-            break
-        take *= 4
-    if found < k:  # NaN scores must fill the top-k: leave that to the plain path
-        return _global_topk_by_layer(flat, k)
-    cand = {n: flat[n][positions[n]].float() for n in names}
-    every = torch.cat(list(cand.values()))
-    threshold = torch.topk(every, k).values[-1].item()
-    if threshold == float("-inf"):  # -inf ties may mix with NaN: the plain path orders them
-        return _global_topk_by_layer(flat, k)
-    ties_left = k - int((every > threshold).sum())
-    chosen = {}
-    for n in names:
-        mask = cand[n] > threshold
-        if ties_left > 0:
-            ties = torch.nonzero(cand[n] == threshold).flatten()[:ties_left]
-            mask[ties] = True
-            ties_left -= ties.numel()
-        chosen[n] = positions[n][mask].to(torch.int32)
-    return chosen
-
-
-def _global_topk_by_layer(flat: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """``global_topk`` with the threshold taken from per-layer ``topk`` candidates."""
-    flat = {n: torch.nan_to_num(s.float(), nan=float("-inf")) for n, s in flat.items()}
-    candidates = torch.cat([torch.topk(s, min(k, s.numel()), sorted=False).values.cpu() for s in flat.values() if s.numel()])
-    threshold = torch.topk(candidates, k).values[-1].item()
-    ties_left = k - sum(int((s > threshold).sum()) for s in flat.values())
-    chosen = {}
-    for n, s in flat.items():
-        mask = s > threshold
-        if ties_left > 0:
-            ties = torch.nonzero(s == threshold).flatten()[:ties_left]
-            mask[ties] = True
-            ties_left -= ties.numel()
-        chosen[n] = torch.nonzero(mask).flatten().to(torch.int32)
-    return chosen
 
 
 def grow(model: Any, new_entries: Mapping[str, torch.Tensor], optimizer: Any = None,
@@ -239,7 +171,7 @@ class ID3(Method):
                          cfg.d3_epsilon, cfg.d3_exponent)
             s[layer.indices.long()] = float("-inf")  # only still-masked entries compete
             scores[name] = s
-        grow(model, global_topk(scores, k), optimizer, grads)
+        grow(model, select_topk(scores, k, "global", consume=True), optimizer, grads)
 
     def on_train_end(self, model: Any, optimizer: Any = None) -> None:
         self._dense.disarm(model.sparse_layers())
