@@ -7,26 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import registry
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-# Scorers (DESIGN.md section 5). The first two need no data; the gradient-based ones read
-# calibration batches; synflow needs no data but a forward/backward pass.
-DATA_FREE_METHODS = ("random", "magnitude")
-STATIC_METHODS = DATA_FREE_METHODS
-GRADIENT_METHODS = ("gradient", "snip", "taylor", "d3")
-SCORER_METHODS = ("random", "magnitude", "gradient", "snip", "taylor", "fisher", "grasp", "synflow", "d3")
-# Methods whose index set changes during training by their own rule (methods/id3.py, dst.py, grow_drop.py).
-TRAINING_TIME_METHODS = ("id3", "dst", "grow-drop")
-KNOWN_METHODS = SCORER_METHODS + TRAINING_TIME_METHODS
-# Scorers that need calibration batches at selection time.
-CALIBRATION_METHODS = ("gradient", "snip", "taylor", "fisher", "grasp", "d3")
-# Dynamic rescoring reads the dense gradient of ordinary training steps; fisher (per-example
-# gradients) and grasp (double backward) cannot be had from those, so they are static only.
-DYNAMIC_METHODS = ("random", "magnitude", "gradient", "snip", "taylor", "synflow", "d3")
-SCHEDULES = ("static", "dynamic")
+# Which methods exist and what each can do: registry.METHODS.
+SCHEDULES = tuple(registry.SCHEDULES)
 DROP_POLICIES = ("merge", "zero")
 SELECTIONS = ("global", "per-layer")
 MAGNITUDE_ORDERS = ("largest", "smallest")
@@ -82,8 +71,8 @@ class SparseConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in KNOWN_METHODS:
-            raise ConfigError(f"method={self.method!r} is not known; choose one of {', '.join(KNOWN_METHODS)}")
+        if self.method not in registry.METHODS:
+            raise ConfigError(f"method={self.method!r} is not known; choose one of {', '.join(registry.METHODS)}")
         budgets = [name for name in ("density", "num_params", "match_lora_rank") if getattr(self, name) is not None]
         if not budgets:
             self.density = 0.01
@@ -131,10 +120,10 @@ class SparseConfig:
         if self.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"drop_policy={self.drop_policy!r}; choose one of {', '.join(DROP_POLICIES)}")
         if self.schedule == "dynamic":
-            if self.method not in DYNAMIC_METHODS:
+            if not registry.METHODS[self.method].can_run_dynamic:
                 raise ConfigError(
                     f"method={self.method!r} cannot rescore from ordinary training steps; "
-                    f"schedule='dynamic' supports {', '.join(DYNAMIC_METHODS)}"
+                    f"schedule='dynamic' supports {', '.join(registry.names(can_run_dynamic=True))}"
                 )
             if self.score_window > self.update_every:
                 raise ConfigError(f"score_window ({self.score_window}) must not exceed update_every ({self.update_every})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import registry
 from .config import ConfigError, SparseConfig
 
 AUTO = "auto"
@@ -23,14 +24,11 @@ REF_DENSITY = 168_960 / 10_764_288
 # family -> (rate at REF_DENSITY, exponent of the density). Until the budget sweeps are
 # in, every family keeps the former flat default (5e-3 at every budget).
 RULES: dict[str, tuple[float, float]] = {
-    "data-free": (5e-3, 0.0),  # random, magnitude, synflow; grow-drop starts from a random mask
-    "gradient": (5e-3, 0.0),   # gradient, snip, taylor, d3, fisher, grasp; id3 and dst choose by gradients
+    registry.DATA_FREE_FAMILY: (5e-3, 0.0),  # random, magnitude, synflow; grow-drop starts from a random mask
+    registry.GRADIENT_FAMILY: (5e-3, 0.0),   # gradient, snip, taylor, d3, fisher, grasp; id3 and dst choose by gradients
 }
-FAMILY = {
-    "random": "data-free", "magnitude": "data-free", "synflow": "data-free", "grow-drop": "data-free",
-    "gradient": "gradient", "snip": "gradient", "taylor": "gradient", "d3": "gradient", "fisher": "gradient",
-    "grasp": "gradient", "id3": "gradient", "dst": "gradient",
-}
+# method -> family: declared by each method in the registry.
+FAMILY = {name: spec.lr_family for name, spec in registry.METHODS.items()}
 LR_MIN, LR_MAX = 1e-4, 5e-2
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import DROP_POLICIES, KNOWN_METHODS, SCHEDULES, ConfigError, SparseConfig
+from .. import registry
+from ..config import DROP_POLICIES, ConfigError, SparseConfig
 from ..train import TrainingArguments
 from .baselines import BaselineConfig
 from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
@@ -62,14 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "converted once from its GGUF to a cache) or a local Hugging Face model folder")
     _add_data_options(t, "rt-sentiment")
     m = t.add_argument_group("sparse method")
-    m.add_argument("--method", default="random", choices=KNOWN_METHODS + BASELINE_METHODS,
-                   help="how entries are chosen. Scorers (static, or moving with --schedule dynamic): random, "
-                        "magnitude (|w|); from calibration batches: gradient (|g|), snip (|w g|), taylor ((w g)^2), "
-                        "d3 (|g|/(|w|+eps)^e), fisher (mean per-example g^2), grasp (w Hg); synflow (data-free path "
-                        "score). Training-time methods: id3 (incremental unmasking by d3, B/2 entries trained on "
-                        "average); dst (dynamic subset tuning: dense update, then keep the top density*|matrix| "
-                        "changes per matrix; dense memory while training); grow-drop (SpIEL-style swaps every "
-                        "--grow-drop-every steps). Baselines: lora, full, shira, supertuning (baselines.py)")
+    m.add_argument("--method", default="random", choices=[*registry.METHODS, *BASELINE_METHODS],
+                   help="how entries are chosen. " + registry.methods_help() + ". Baselines: lora, full, shira, "
+                        "supertuning (baselines.py). Table: docs/methods.md")
     m.add_argument("--lora-rank", type=int, help="rank for --method lora or shira (default 8, or from the budget)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
@@ -90,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory is the score buffers plus one micro-batch's activations (fisher always uses 1)")
     m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
     m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
-    m.add_argument("--schedule", default="static", choices=list(SCHEDULES),
-                   help="static: choose once before training; dynamic: rescore every --update-every steps")
+    m.add_argument("--schedule", default="static", choices=list(registry.SCHEDULES),
+                   help="; ".join(f"{name}: {text}" for name, text in registry.SCHEDULES.items()))
     m.add_argument("--update-every", type=int, default=128, help="dynamic: optimizer steps between rescorings")
     m.add_argument("--score-window", type=int, default=8,
                    help="dynamic and grow-drop: score from the dense gradients of this many steps before each "

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from .. import native
+from .. import native, registry
 from ..checkpoint import latest_checkpoint
-from ..config import CALIBRATION_METHODS
 from ..lr_rule import AUTO
 from ..model import SparseModel, get_sparse_model, read_adapter
 from ..train import PeakMemory, TrainingArguments, peak_rss_mb, train
@@ -69,7 +68,7 @@ def resume_training(run_dir: str) -> dict[str, Any]:
 
 
 def uses_calibration(spec: RunSpec) -> bool:
-    return spec.baseline is None and spec.sparse.method in CALIBRATION_METHODS
+    return spec.baseline is None and registry.get(spec.sparse.method).needs_calibration
 
 
 def _build_model(spec: RunSpec, setup: Setup):

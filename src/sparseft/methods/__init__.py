@@ -7,6 +7,7 @@ sets through ``SparseModel.set_index_sets``). No method owns a loop.
 """
 from __future__ import annotations
 
+from .. import registry
 from ..config import SparseConfig
 from .base import Method
 from .dynamic import DynamicMask
@@ -14,13 +15,9 @@ from .static import StaticMask
 
 
 def get_method(config: SparseConfig) -> Method:
-    from .dst import DST
-    from .grow_drop import GrowDrop
-    from .id3 import ID3
-
-    training_time = {"id3": ID3, "dst": DST, "grow-drop": GrowDrop}
-    if config.method in training_time:
-        return training_time[config.method](config)
+    spec = registry.get(config.method)
+    if spec.kind == registry.TRAINING_TIME:
+        return spec.load()(config)
     if config.schedule == "dynamic":
         return DynamicMask(config)
     return StaticMask(config)

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import GRADIENT_METHODS
+from .. import registry
 from ..scoring import GradientSum, compute_scores, scores_from_gradient
 from ..select import resolve_budget, select_topk
 from .base import Method
 from .static import score_and_select
+
+
+# Scorers that read loss gradients from calibration batches rescore from the dense
+# gradients of ordinary training steps instead; the others are simply recomputed.
+FROM_TRAINING_GRADIENTS = registry.names(registry.SCORER, needs_calibration=True, can_run_dynamic=True)
 
 
 class DynamicMask(Method):
@@ -40,7 +45,7 @@ class DynamicMask(Method):
         return (step - 1) % u >= u - w
 
     def on_step_begin(self, step: int, model: Any) -> None:
-        if self.config.method not in GRADIENT_METHODS or not self.in_window(step):
+        if self.config.method not in FROM_TRAINING_GRADIENTS or not self.in_window(step):
             return
         if self._grads is None:
             self._grads = GradientSum()
@@ -55,7 +60,7 @@ class DynamicMask(Method):
         cfg = self.config
         self._disarm(model)
         layers = model.sparse_layers()
-        if cfg.method in GRADIENT_METHODS:
+        if cfg.method in FROM_TRAINING_GRADIENTS:
             grads, self._grads = self._grads, None
             if grads is None or not grads.buffers:
                 return  # no window seen since the last update (e.g. training resumed here)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..scoring import compute_scores, grasp_select
+from .. import registry
+from ..scoring import compute_scores
 from ..select import resolve_budget, select_topk
 from .base import Method
 
@@ -13,8 +14,9 @@ def score_and_select(model: Any, data: Any = None, seed: int | None = None) -> d
     cfg = model.sparse_config
     layers = model.sparse_layers()
     budget = resolve_budget(cfg, model.target_shapes())
-    if cfg.method == "grasp":  # scored group by group into a streaming top-k (less memory)
-        return grasp_select(layers, budget, cfg.selection, model=model, data=data, micro_batch=cfg.calib_micro_batch)
+    selector = registry.get(cfg.method).load_selector()
+    if selector is not None:  # e.g. grasp: scored group by group into a streaming top-k (less memory)
+        return selector(layers, budget, cfg.selection, model=model, data=data, micro_batch=cfg.calib_micro_batch)
     scores = compute_scores(
         cfg.method, layers, model=model, data=data, seed=cfg.seed if seed is None else seed,
         order=cfg.magnitude_order, d3_epsilon=cfg.d3_epsilon, d3_exponent=cfg.d3_exponent,

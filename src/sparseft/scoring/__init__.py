@@ -33,6 +33,7 @@ from typing import Mapping
 
 import torch
 
+from .. import registry
 from ..delta import SparseDeltaLayer
 from .calibration import (Batch, GradientSum, batch_size, calibration_batches, loss_items, mean_gradient,
                           micro_batches, observing, scoring_mode, split_examples)
@@ -40,17 +41,8 @@ from .grasp import HG_METHODS, dense_weights, grasp_groups, grasp_scores, grasp_
 from .scorers import (ScoreFn, d3_scores, fisher_scores, gradient_scores, magnitude_scores, random_scores,
                       scores_from_gradient, snip_scores, synflow_scores, taylor_scores)
 
-SCORERS: dict[str, ScoreFn] = {
-    "random": random_scores,
-    "magnitude": magnitude_scores,
-    "gradient": gradient_scores,
-    "snip": snip_scores,
-    "taylor": taylor_scores,
-    "fisher": fisher_scores,
-    "grasp": grasp_scores,
-    "synflow": synflow_scores,
-    "d3": d3_scores,
-}
+# Every scorer the registry names, by name.
+SCORERS: dict[str, ScoreFn] = {name: registry.get(name).load() for name in registry.names(registry.SCORER)}
 
 
 def compute_scores(method: str, layers: Mapping[str, SparseDeltaLayer], **kwargs: object) -> dict[str, torch.Tensor]:
