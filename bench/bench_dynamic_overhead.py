@@ -59,13 +59,15 @@ def build(name: str, args, calib: list[dict]):
     if name == "static":
         cfg = sparseft.SparseConfig(method="random", **common)
     elif name == "dynamic":
-        cfg = sparseft.SparseConfig(method="gradient", schedule="dynamic", update_every=args.update_every,
-                                    score_window=args.score_window, calib_examples=len(calib) * args.batch, **common)
+        cfg = sparseft.SparseConfig(method="gradient", schedule="dynamic",
+                                    dynamic=sparseft.DynamicOptions(update_every=args.update_every,
+                                                                    score_window=args.score_window),
+                                    calibration=sparseft.CalibrationOptions(examples=len(calib) * args.batch), **common)
     elif name == "id3":
-        cfg = sparseft.SparseConfig(method="id3", unmask_every=args.unmask_every, **common)
+        cfg = sparseft.SparseConfig(method="id3", id3=sparseft.ID3Options(unmask_every=args.unmask_every), **common)
     elif name == "grow-drop":
-        cfg = sparseft.SparseConfig(method="grow-drop", grow_drop_every=args.grow_drop_every,
-                                    score_window=args.score_window, **common)
+        cfg = sparseft.SparseConfig(method="grow-drop", grow_drop=sparseft.GrowDropOptions(
+            every=args.grow_drop_every, score_window=args.score_window), **common)
     elif name == "dst":
         cfg = sparseft.SparseConfig(method="dst", **common)
     else:

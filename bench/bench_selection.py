@@ -4,7 +4,7 @@
         --examples 16 --batch-size 8 --seq-len 128 --micro-batch 1 --out bench/results/selection_smollm2.json
 
 The calibration batches (``--batch-size`` examples of ``--seq-len`` tokens) are scored in
-micro-batches of ``--micro-batch`` examples (``SparseConfig.calib_micro_batch``).
+micro-batches of ``--micro-batch`` examples (``SparseConfig.calibration.micro_batch``).
 
 Memory: the worker loads the model, builds the calibration batches, then resets the
 kernel's peak-RSS mark (``/proc/self/clear_refs``) and reads ``VmHWM`` after
@@ -81,7 +81,7 @@ def worker(ns) -> dict:
         labels = ids if ns.model.startswith("smollm2") else torch.randint(0, 2, (n,), generator=gen)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     cfg = sparseft.SparseConfig(method=ns.method, density=ns.density, selection=ns.selection,
-                                calib_micro_batch=ns.micro_batch)
+                                calibration=sparseft.CalibrationOptions(micro_batch=ns.micro_batch))
     start = time.perf_counter()
     with PeakMemory() as mem:
         sparse = sparseft.get_sparse_model(model, cfg, calibration_data=batches)
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=1, help="SparseConfig.calib_micro_batch")
+    p.add_argument("--micro-batch", type=int, default=1, help="SparseConfig.calibration.micro_batch")
     p.add_argument("--out", help="write the results as JSON here")
     ns = p.parse_args()
     if ns.method:

@@ -86,9 +86,9 @@ def build(args, device):
                          attention_probs_dropout_prob=0.0)
         base = BertForSequenceClassification(cfg)
     base.to(device)
-    extra = {"update_every": 2, "score_window": 1, "drop_policy": "zero"} if args.schedule == "dynamic" else {}
+    extra = {"dynamic": {"update_every": 2, "score_window": 1, "drop_policy": "zero"}} if args.schedule == "dynamic" else {}
     if args.method == "grow-drop":
-        extra.update(grow_drop_every=2)
+        extra.update(grow_drop={"every": 2})
     config = sparseft.SparseConfig(method=args.method, schedule=args.schedule, density=args.density, seed=1, **extra)
     calibration = global_batches(args, device)[:1]
     return sparseft.get_sparse_model(base, config, calibration_data=calibration)

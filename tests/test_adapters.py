@@ -22,8 +22,7 @@ def saved_adapter(path, seed, builder=build_bert, **cfg):
 def folded_adapter(path, seed):
     """A dynamic run with drop_policy='merge': part of its delta lives in the base weights."""
     model = sparseft.get_sparse_model(tiny_one_layer_bert(0), sparseft.SparseConfig(
-        method="gradient", density=0.05, seed=seed, schedule="dynamic", update_every=2, score_window=1,
-        drop_policy="merge"), calibration_data=toy_batches(1, seed=seed))
+        method="gradient", density=0.05, seed=seed, schedule="dynamic", dynamic=dict(update_every=2, score_window=1, drop_policy="merge")), calibration_data=toy_batches(1, seed=seed))
     train(model, toy_batches(4, seed=seed), TrainingArguments(lr=5e-2, max_steps=4, warmup_ratio=0.0, progress=False))
     assert model.num_folded_params() > 0
     # the pristine head, so that adapters of different seeds carry the same one (combinable)

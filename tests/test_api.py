@@ -24,8 +24,7 @@ def trained(model_fn=build_bert, **cfg):
 
 
 def dynamic_config(**kw):
-    return dict(method="gradient", density=0.05, schedule="dynamic", update_every=2, score_window=1,
-                drop_policy="merge", **kw)
+    return dict(method="gradient", density=0.05, schedule="dynamic", dynamic=dict(update_every=2, score_window=1, drop_policy="merge"), **kw)
 
 
 def logits(model, batch):

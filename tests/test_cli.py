@@ -24,7 +24,7 @@ def test_bad_calib_micro_batch_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--method", "gradient", "--calib-micro-batch", "0", "--out", str(tmp_path / "x"), "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "calib_micro_batch must be a positive integer" in err and "Traceback" not in err
+    assert "calibration.micro_batch must be a positive integer" in err and "Traceback" not in err
 
 
 def test_missing_adapter_is_a_clear_error(tmp_path, capsys):

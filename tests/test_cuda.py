@@ -46,9 +46,9 @@ def test_cuda_gradients_match_dense_reference(shape, kind, backend, dtype):
 
 CONFIGS = {
     "random": dict(method="random"),
-    "gradient-dynamic": dict(method="gradient", schedule="dynamic", update_every=3, score_window=2),
+    "gradient-dynamic": dict(method="gradient", schedule="dynamic", dynamic=dict(update_every=3, score_window=2)),
     "id3": dict(method="id3"),
-    "grow-drop": dict(method="grow-drop", grow_drop_every=3),
+    "grow-drop": dict(method="grow-drop", grow_drop=dict(every=3)),
     "dst": dict(method="dst"),
 }
 

@@ -26,11 +26,11 @@ STEPS, PER_RANK = 4, 4
 CONFIGS = {
     "random": dict(method="random"),
     "gradient-static": dict(method="gradient"),  # calibration scores all-reduced
-    "dynamic-gradient": dict(method="gradient", schedule="dynamic", update_every=2, score_window=1),  # merge policy
-    "dynamic-random": dict(method="random", schedule="dynamic", update_every=2, score_window=1, drop_policy="zero"),
+    "dynamic-gradient": dict(method="gradient", schedule="dynamic", dynamic=dict(update_every=2, score_window=1)),  # merge
+    "dynamic-random": dict(method="random", schedule="dynamic", dynamic=dict(update_every=2, score_window=1, drop_policy="zero")),
     "id3": dict(method="id3", num_params=60),
-    "id3-every2": dict(method="id3", num_params=60, unmask_every=2, d3_exponent=1.0),
-    "grow-drop": dict(method="grow-drop", grow_drop_every=2, grow_drop_fraction=0.5),
+    "id3-every2": dict(method="id3", num_params=60, id3=dict(unmask_every=2, d3_exponent=1.0)),
+    "grow-drop": dict(method="grow-drop", grow_drop=dict(every=2, fraction=0.5)),
     "dst": dict(method="dst"),
 }
 # Run through sparseft.train (DDP wrapper built inside, gradient accumulation, clipping,
@@ -46,8 +46,8 @@ TRAINER = {"dynamic-gradient-trainer": "dynamic-gradient", "id3-trainer": "id3",
 # Rescoring by snip and d3 with an exponent reads the sharded frozen weights (gathered).
 FSDP2 = {"fsdp2-random": "random", "fsdp2-dynamic-gradient": "dynamic-gradient-zero", "fsdp2-dynamic-snip": "dynamic-snip",
          "fsdp2-id3": "id3", "fsdp2-id3-every2": "id3-every2", "fsdp2-grow-drop": "grow-drop", "fsdp2-dst": "dst"}
-CONFIGS["dynamic-gradient-zero"] = dict(CONFIGS["dynamic-gradient"], drop_policy="zero")
-CONFIGS["dynamic-snip"] = dict(CONFIGS["dynamic-gradient"], method="snip", drop_policy="zero")
+CONFIGS["dynamic-gradient-zero"] = dict(CONFIGS["dynamic-gradient"], dynamic=dict(update_every=2, score_window=1, drop_policy="zero"))
+CONFIGS["dynamic-snip"] = dict(CONFIGS["dynamic-gradient-zero"], method="snip")
 BASE = {**TRAIN_LOOP, **TRAINER, **FSDP2}
 CASES = list(CONFIGS) + list(BASE)
 
@@ -347,6 +347,6 @@ def test_anchor_only_when_nothing_dense_is_trained(monkeypatch):
 
 def test_fully_shard_sparse_refuses_the_merge_drop_policy():
     model = build("dynamic-gradient")
-    assert model.sparse_config.drop_policy == "merge"
+    assert model.sparse_config.dynamic.drop_policy == "merge"
     with pytest.raises(ValueError, match="drop_policy='zero'"):
         fully_shard_sparse(model)

@@ -4,22 +4,24 @@ dynamic run (with folded entries) reloads to identical logits."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import sparseft
 from sparseft import SparseConfig, SparseModel, get_sparse_model
+from sparseft.config import DynamicOptions
 from sparseft.delta import SparseDeltaLayer
 from sparseft.methods import DynamicMask
 from sparseft.train import SparseCallback, TrainingArguments, create_optimizer, train
 from test_train import tiny_bert, toy_batches
 
 
-def dynamic_model(seed=0, **kw):
-    cfg = dict(method="gradient", density=0.05, schedule="dynamic", update_every=3, score_window=2, seed=seed)
-    cfg.update(kw)
-    return get_sparse_model(tiny_bert(seed), SparseConfig(**cfg), calibration_data=toy_batches(2, 8, seed=99))
+def dynamic_model(seed=0, drop_policy="merge", **kw):
+    cfg = SparseConfig(method="gradient", density=0.05, schedule="dynamic", seed=seed,
+                       dynamic=DynamicOptions(update_every=3, score_window=2, drop_policy=drop_policy))
+    return get_sparse_model(tiny_bert(seed), dataclasses.replace(cfg, **kw), calibration_data=toy_batches(2, 8, seed=99))
 
 
 def logits(model, batch):
@@ -169,7 +171,7 @@ def test_adapter_with_broken_fold_record_is_refused(tmp_path):
 @pytest.mark.parametrize("method", ["random", "synflow"])
 def test_data_free_scorers_rescore_without_a_window(method):
     model = get_sparse_model(tiny_bert(0), SparseConfig(method=method, density=0.05, schedule="dynamic",
-                                                         update_every=2, score_window=1))
+                                                         dynamic=DynamicOptions(update_every=2, score_window=1)))
     train(model, toy_batches(4, 8), TrainingArguments(lr=1e-2, max_steps=4, progress=False))
     assert model.method.updates == 2
     assert model.num_sparse_params() == round(0.05 * model.num_targeted_weights())

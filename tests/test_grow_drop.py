@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import sparseft
+from sparseft.config import GrowDropOptions
 from sparseft.train import TrainingArguments, train
 
 from test_id3 import tiny_bert, toy_batches
 
 
 def test_grow_drop_swaps_every_n_steps_keeps_the_budget_and_drops_the_smallest():
-    cfg = sparseft.SparseConfig(method="grow-drop", num_params=80, grow_drop_every=3, grow_drop_fraction=0.25)
+    cfg = sparseft.SparseConfig(method="grow-drop", num_params=80, grow_drop=GrowDropOptions(every=3, fraction=0.25))
     model = sparseft.get_sparse_model(tiny_bert(), cfg)
     method = model.method
     assert model.num_sparse_params() == 80
@@ -44,7 +45,7 @@ def test_grow_drop_swaps_every_n_steps_keeps_the_budget_and_drops_the_smallest()
 
 @pytest.mark.parametrize("window, observed", [(2, {3, 4, 7, 8}), (4, set(range(1, 9))), (9, set(range(1, 9)))])
 def test_grow_drop_accumulates_the_last_score_window_steps_before_each_swap(window, observed):
-    cfg = sparseft.SparseConfig(method="grow-drop", num_params=80, grow_drop_every=4, score_window=window)
+    cfg = sparseft.SparseConfig(method="grow-drop", num_params=80, grow_drop=GrowDropOptions(every=4, score_window=window))
     model = sparseft.get_sparse_model(tiny_bert(), cfg)
     method = model.method
     seen, per_step, sums = set(), {}, {}

@@ -9,6 +9,7 @@ import torch
 import sparseft
 from conftest import tiny_one_layer_bert as tiny_bert
 from conftest import toy_batches
+from sparseft.config import ID3Options
 from sparseft.methods.id3 import d3_score, unmask_schedule
 from sparseft.optim import SparseAdamW
 from sparseft.select import select_topk
@@ -65,7 +66,7 @@ def test_active_entries_follow_the_schedule_never_disappear_and_end_at_the_budge
 
 def test_unmask_every_k_keeps_the_total_and_grows_only_on_events():
     budget, total, every = 40, 10, 3
-    model = id3_model(num_params=budget, unmask_every=every)
+    model = id3_model(num_params=budget, id3=ID3Options(unmask_every=every))
     snaps = record_steps(model)
     train(model, toy_batches(total), TrainingArguments(lr=1e-2, max_steps=total, warmup_ratio=0.0, progress=False))
     counts = [sum(s.numel() for s in sets.values()) for _, sets in snaps]
@@ -129,7 +130,7 @@ def test_first_update_of_a_new_entry_has_fresh_adam_bias_correction():
 
 def test_new_entries_are_the_top_d3_of_the_dense_gradient_and_get_it():
     budget, total, exponent, eps = 30, 3, 1.0, 1e-2
-    model = id3_model(num_params=budget, d3_exponent=exponent, d3_epsilon=eps)
+    model = id3_model(num_params=budget, id3=ID3Options(d3_exponent=exponent, d3_epsilon=eps))
     ref = tiny_bert()  # the same weights, trained densely only to read the gradient
     batches = toy_batches(total)
     ref(**batches[0]).loss.backward()

@@ -19,11 +19,12 @@ class Killed(Exception):
 CONFIGS = {
     "random-static": dict(method="random"),
     # windows are steps 2-4, 6-8, 10-12: the step-6 checkpoint holds a partial gradient sum
-    "gradient-dynamic": dict(method="gradient", schedule="dynamic", update_every=4, score_window=3, drop_policy="merge"),
+    "gradient-dynamic": dict(method="gradient", schedule="dynamic",
+                             dynamic=dict(update_every=4, score_window=3, drop_policy="merge")),
     "id3": dict(method="id3"),
-    "grow-drop": dict(method="grow-drop", grow_drop_every=4),
+    "grow-drop": dict(method="grow-drop", grow_drop=dict(every=4)),
     # windows are steps 2-4 and 6-8 (no swap at the last step, 12): step 6 holds a partial sum
-    "grow-drop-window": dict(method="grow-drop", grow_drop_every=4, score_window=3),
+    "grow-drop-window": dict(method="grow-drop", grow_drop=dict(every=4, score_window=3)),
     "dst": dict(method="dst"),
 }
 

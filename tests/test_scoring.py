@@ -8,6 +8,7 @@ import torch
 
 from conftest import build_bert, build_gpt2, make_batch
 from sparseft import ConfigError, SparseConfig, get_sparse_model
+from sparseft.config import CalibrationOptions, DynamicOptions, ID3Options
 from sparseft.scoring import SCORERS, compute_scores
 from sparseft.select import resolve_budget, select_topk
 
@@ -175,11 +176,11 @@ def test_random_is_seeded_and_magnitude_is_abs_weight():
 @pytest.mark.parametrize("selection", ["global", "per-layer"])
 def test_get_sparse_model_selects_the_exact_topk_of_the_scores(method, selection):
     batches = calib_batches("bert")
-    cfg = SparseConfig(method=method, density=0.05, selection=selection, d3_exponent=1.0)
+    cfg = SparseConfig(method=method, density=0.05, selection=selection, id3=ID3Options(d3_exponent=1.0))
     model = get_sparse_model(build_bert(), cfg, calibration_data=batches)
     ref_model, _ = wrapped("bert")
     scores = compute_scores(method, ref_model.sparse_layers(), model=ref_model, data=batches, seed=cfg.seed,
-                            order=cfg.magnitude_order, d3_epsilon=cfg.d3_epsilon, d3_exponent=cfg.d3_exponent)
+                            order=cfg.magnitude_order, d3_epsilon=cfg.id3.d3_epsilon, d3_exponent=cfg.id3.d3_exponent)
     expected = select_topk(scores, resolve_budget(cfg, model.target_shapes()), selection)
     assert model.num_sparse_params() == resolve_budget(cfg, model.target_shapes())
     for name, layer in model.sparse_layers().items():
@@ -216,11 +217,13 @@ def test_calibration_scorers_need_data_with_labels():
         get_sparse_model(build_bert(), SparseConfig(method="snip"), calibration_data=[batch])
 
 
-@pytest.mark.parametrize("field,value", [("calib_examples", 0), ("update_every", -1), ("d3_exponent", -1.0),
-                                         ("schedule", "sometimes"), ("drop_policy", "keep"), ("score_window", 0)])
+@pytest.mark.parametrize("field,value", [("calibration.examples", 0), ("dynamic.update_every", -1),
+                                         ("id3.d3_exponent", -1.0), ("schedule", "sometimes"),
+                                         ("dynamic.drop_policy", "keep"), ("dynamic.score_window", 0)])
 def test_bad_scoring_config(field, value):
+    owner, _, name = field.rpartition(".")
     with pytest.raises(ConfigError, match=field):
-        SparseConfig(**{field: value})
+        SparseConfig(**({owner: {name: value}} if owner else {name: value}))
 
 
 @pytest.mark.parametrize("method", ["fisher", "grasp"])
@@ -230,8 +233,8 @@ def test_dynamic_refuses_scorers_that_need_extra_passes(method):
 
 
 def test_config_roundtrip_keeps_new_fields():
-    cfg = SparseConfig(method="d3", schedule="dynamic", update_every=16, score_window=2, drop_policy="zero",
-                       calib_examples=64, d3_epsilon=1e-2, d3_exponent=0.5)
+    cfg = SparseConfig(method="d3", schedule="dynamic", dynamic=DynamicOptions(16, 2, "zero"),
+                       calibration=CalibrationOptions(examples=64), id3=ID3Options(d3_epsilon=1e-2, d3_exponent=0.5))
     assert SparseConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -288,8 +291,8 @@ def test_grasp_select_in_groups_equals_topk_of_the_dense_scores(selection, fract
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "2"])
 def test_bad_calib_micro_batch(value):
-    with pytest.raises(ConfigError, match="calib_micro_batch"):
-        SparseConfig(calib_micro_batch=value)
+    with pytest.raises(ConfigError, match="calibration.micro_batch"):
+        CalibrationOptions(micro_batch=value)
 
 
 def _tiny_llama():

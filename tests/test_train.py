@@ -111,7 +111,7 @@ def test_controller_step_is_the_four_calls_in_order():
 
     def run(by_hand):
         model = sparseft.get_sparse_model(tiny_bert(0), sparseft.SparseConfig(
-            method="gradient", density=0.1, schedule="dynamic", update_every=2, score_window=1),
+            method="gradient", density=0.1, schedule="dynamic", dynamic=dict(update_every=2, score_window=1)),
             calibration_data=toy_batches(1, 8))
         opt = create_optimizer(model, lr=1e-2)
         ctl = SparseController(model, opt)

@@ -18,9 +18,9 @@ from sparseft.train import SparseCallback
 CONFIGS = {
     "random-static": dict(method="random"),
     # windows are steps 2-4, 6-8, 10-12: the step-6 checkpoint holds a partial gradient sum
-    "gradient-dynamic": dict(method="gradient", schedule="dynamic", update_every=4, score_window=3, drop_policy="merge"),
+    "gradient-dynamic": dict(method="gradient", schedule="dynamic", dynamic=dict(update_every=4, score_window=3, drop_policy="merge")),
     "id3": dict(method="id3"),
-    "grow-drop": dict(method="grow-drop", grow_drop_every=4, score_window=3),
+    "grow-drop": dict(method="grow-drop", grow_drop=dict(every=4, score_window=3)),
     "dst": dict(method="dst"),
 }
 

@@ -16,7 +16,7 @@ from sparseft.trainer import SparseTrainer
 
 CASES = {
     "random-static": dict(method="random"),
-    "gradient-dynamic": dict(method="gradient", schedule="dynamic", update_every=2, score_window=1, drop_policy="merge"),
+    "gradient-dynamic": dict(method="gradient", schedule="dynamic", dynamic=dict(update_every=2, score_window=1, drop_policy="merge")),
     "id3": dict(method="id3"),
 }
 STEPS, SAVE_EVERY, KILL_AT = 6, 2, 5

@@ -1,6 +1,6 @@
 """sparseft: sparse fine-tuning of transformer language models."""
 from ._version import __version__
-from .config import ConfigError, SparseConfig
+from .config import CalibrationOptions, ConfigError, DynamicOptions, GrowDropOptions, ID3Options, SparseConfig
 from .delta import SparseDeltaLayer
 from .lr_rule import default_lr
 from .model import AdapterError, SparseModel, get_sparse_model
@@ -9,7 +9,11 @@ from .train import SparseCallback, TrainingArguments, create_optimizer, train
 
 __all__ = [
     "AdapterError",
+    "CalibrationOptions",
     "ConfigError",
+    "DynamicOptions",
+    "GrowDropOptions",
+    "ID3Options",
     "SparseAdamW",
     "SparseConfig",
     "SparseDeltaLayer",

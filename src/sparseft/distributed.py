@@ -209,14 +209,14 @@ def fully_shard_sparse(model: Any, block_classes: Iterable[str] | None = None, *
 
     Build the optimizer after this call (FSDP2 replaces the parameters it shards).
     Scorers that read the frozen weights (magnitude, snip, taylor, d3 with an exponent)
-    gather each one whole while scoring. Not supported: ``drop_policy="merge"`` and
+    gather each one whole while scoring. Not supported: ``dynamic.drop_policy="merge"`` and
     ``merge()`` (they write into the sharded weights; merge after reloading the adapter
     on an unsharded model). Returns ``model`` (sharded in place).
     """
     from torch.distributed.fsdp import fully_shard
 
     cfg = getattr(model, "sparse_config", None)
-    if cfg is not None and cfg.schedule == "dynamic" and cfg.drop_policy == "merge":
+    if cfg is not None and cfg.schedule == "dynamic" and cfg.dynamic.drop_policy == "merge":
         raise ValueError("drop_policy='merge' folds dropped entries into the base weights, which FSDP2 shards: "
                          "use drop_policy='zero' with FSDP2")
     anchors = {layer.ddp_anchor for layer in model.sparse_layers().values() if layer.ddp_anchor is not None}

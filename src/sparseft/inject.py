@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch.nn as nn
 
-from .config import ConfigError
+from .config import CALLABLE, ConfigError
 from .delta import SparseDeltaLayer, is_conv1d
 
 # Heads that task-specific model classes add on top of a pretrained body. They are
@@ -45,11 +45,19 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
 
 def find_target_modules(
     model: nn.Module,
-    target_modules: str | list[str],
+    target_modules: str | list[str] | Callable[[nn.Module, str], bool],
     exclude_modules: Iterable[str] = (),
     modules_to_save: Iterable[str] = (),
 ) -> list[str]:
-    """Names of the Linear/Conv1D modules to wrap, in model order."""
+    """Names of the Linear/Conv1D modules to wrap, in model order.
+
+    ``target_modules``: ``"all-linear"``, a regex (full match), a list of name suffixes, or
+    ``filter_fn(module, name) -> bool``, asked for every Linear/Conv1D not excluded and not
+    in ``modules_to_save``.
+    """
+    if target_modules == CALLABLE:
+        raise ConfigError("target_modules was a filter_fn, which a saved config does not hold: pass the "
+                          "function again, or the module names (an adapter records its targets itself)")
     exclude = list(exclude_modules)
     skip = set(modules_to_save)
     if target_modules == "all-linear":
@@ -58,7 +66,10 @@ def find_target_modules(
     for name, module in model.named_modules():
         if not name or _under(name, skip) or (exclude and _matches(name, exclude)):
             continue
-        if target_modules != "all-linear" and not _matches(name, target_modules):
+        if callable(target_modules):
+            if not isinstance(module, SparseDeltaLayer) and not (is_linear_like(module) and target_modules(module, name)):
+                continue
+        elif target_modules != "all-linear" and not _matches(name, target_modules):
             continue
         if isinstance(module, SparseDeltaLayer):
             raise ConfigError(f"module {name!r} already carries a sparse delta")

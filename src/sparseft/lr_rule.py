@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import registry
-from .config import ConfigError, SparseConfig
+from .config import DEFAULT_DENSITY, ConfigError, SparseConfig
 
 AUTO = "auto"
 
@@ -54,8 +54,8 @@ def default_lr(config: SparseConfig, model: Any = None) -> float:
 
         shapes = model.target_shapes()
         density = resolve_budget(config, shapes) / sum(o * i for o, i in shapes.values())
-    elif config.density is not None:
-        density = config.density
+    elif config.num_params is None and config.match_lora_rank is None:
+        density = DEFAULT_DENSITY if config.density is None else config.density
     else:
         raise ConfigError("the default learning rate of a num_params or match_lora_rank budget needs the sparse model "
                           "(default_lr(config, model)); or give a rate")

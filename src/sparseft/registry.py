@@ -74,8 +74,8 @@ def _training_time(name: str, description: str, cls: str, **caps: Any) -> Method
     return MethodSpec(name, TRAINING_TIME, description, f"sparseft.methods.{cls}", **caps)
 
 
-_CALIBRATION = ("calib_examples", "calib_micro_batch")
-_D3 = ("d3_epsilon", "d3_exponent")
+_CALIBRATION = ("calibration.examples", "calibration.micro_batch", "calibration.loss_fn")
+_D3 = ("id3.d3_epsilon", "id3.d3_exponent")
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     _scorer("random", "U(0, 1) per entry, seeded: a uniform random subset (random masking)",
@@ -100,20 +100,19 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
             lr_family=DATA_FREE_FAMILY),
     _training_time("id3", "incremental unmasking by the d3 score from each step's batch; never drops "
                    "(B/2 entries trained on average)", "id3:ID3", gradient_based=True,
-                   options=("unmask_every",) + _D3),
+                   options=("id3.unmask_every",) + _D3),
     _training_time("dst", "dynamic subset tuning: a dense step, then keep the top density*|matrix| changes "
                    "per matrix (dense memory while training)", "dst:DST", gradient_based=True),
     _training_time("grow-drop", "SpIEL-style: periodically drop the smallest |values| and grow the largest "
                    "accumulated |g|", "grow_drop:GrowDrop", gradient_based=True, lr_family=DATA_FREE_FAMILY,
-                   options=("grow_drop_every", "grow_drop_fraction", "score_window")),
+                   options=("grow_drop.every", "grow_drop.fraction", "grow_drop.score_window")),
 )}
 
 SCHEDULES: dict[str, str] = {
     "static": "choose the index set once, before training",
-    "dynamic": "rescore every update_every steps from the dense gradients of the last score_window "
-               "steps; dropped entries are merged into W or zeroed (drop_policy)",
+    "dynamic": "rescore every dynamic.update_every steps from the dense gradients of the last "
+               "dynamic.score_window steps; dropped entries are merged into W or zeroed (dynamic.drop_policy)",
 }
-DYNAMIC_OPTIONS = ("update_every", "score_window", "drop_policy")
 
 
 def get(name: str) -> MethodSpec:

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from .config import ConfigError, SparseConfig
+from .config import DEFAULT_DENSITY, ConfigError, SparseConfig
 
 
 def lora_equivalent_params(shapes: Mapping[str, tuple[int, int]], rank: int) -> int:
@@ -22,13 +22,13 @@ def lora_equivalent_params(shapes: Mapping[str, tuple[int, int]], rank: int) -> 
 def resolve_budget(config: SparseConfig, shapes: Mapping[str, tuple[int, int]]) -> int:
     """Total number of sparse entries the config asks for over these targets."""
     total = sum(o * i for o, i in shapes.values())
-    if config.density is not None:
-        budget = int(round(config.density * total))
-        budget = max(budget, 1)
-    elif config.num_params is not None:
+    if config.num_params is not None:
         budget = config.num_params
-    else:
+    elif config.match_lora_rank is not None:
         budget = lora_equivalent_params(shapes, config.match_lora_rank)
+    else:
+        density = DEFAULT_DENSITY if config.density is None else config.density
+        budget = max(int(round(density * total)), 1)
     if budget > total:
         raise ConfigError(f"the budget of {budget:,} entries exceeds the {total:,} targeted weights")
     return budget

@@ -9,7 +9,8 @@ import argparse
 from typing import Any
 
 from .. import registry
-from ..config import DROP_POLICIES, ConfigError, SparseConfig
+from ..config import (DEFAULT_DENSITY, DROP_POLICIES, CalibrationOptions, ConfigError, DynamicOptions, GrowDropOptions,
+                      ID3Options, SparseConfig)
 from ..train import TrainingArguments
 from .baselines import BaselineConfig
 from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "supertuning (baselines.py). Table: docs/methods.md")
     m.add_argument("--lora-rank", type=int, help="rank for --method lora or shira (default 8, or from the budget)")
     budget = m.add_mutually_exclusive_group()
-    budget.add_argument("--density", type=float, help="fraction of the targeted weights to train (default 0.01)")
+    budget.add_argument("--density", type=float, help=f"fraction of the targeted weights to train (default {DEFAULT_DENSITY})")
     budget.add_argument("--num-params", type=int, help="absolute number of trained entries")
     budget.add_argument("--match-lora-rank", type=int, help="as many entries as LoRA of this rank on the same targets")
     m.add_argument("--target-modules", default="all-linear",
@@ -181,9 +182,11 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
         method="random" if baseline else ns.method, density=density, num_params=num_params, match_lora_rank=match_lora_rank,
         target_modules=_targets(ns.target_modules), selection=ns.selection,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
-        calib_examples=ns.calib_examples, calib_micro_batch=ns.calib_micro_batch, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent,
-        schedule=ns.schedule, update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy,
-        unmask_every=ns.unmask_every, grow_drop_every=ns.grow_drop_every, grow_drop_fraction=ns.grow_drop_fraction,
+        schedule=ns.schedule,
+        calibration=CalibrationOptions(examples=ns.calib_examples, micro_batch=ns.calib_micro_batch),
+        dynamic=DynamicOptions(update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy),
+        id3=ID3Options(unmask_every=ns.unmask_every, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent),
+        grow_drop=GrowDropOptions(every=ns.grow_drop_every, fraction=ns.grow_drop_fraction, score_window=ns.score_window),
     )
     training = TrainingArguments(
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,

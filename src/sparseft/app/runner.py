@@ -85,7 +85,7 @@ def _build_model(spec: RunSpec, setup: Setup):
         spec.sparse.modules_to_save = list(setup.new_heads)
     calibration = None
     if uses_calibration(spec):
-        calibration = calibration_batches(setup.train_loader, spec.sparse.calib_examples,
+        calibration = calibration_batches(setup.train_loader, spec.sparse.calibration.examples,
                                           spec.data.calib_batch_size or spec.data.batch_size, spec.training.seed)
     model = get_sparse_model(setup.base, spec.sparse, calibration_data=calibration)
     return model, None, spec.sparse.to_dict()
@@ -136,7 +136,7 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
         "selection_seconds": select_seconds,
         "selection_extra_rss_mb": select_mem.extra_mb,
         "selection_peak_gpu_mb": select_gpu_mb,
-        "calibration_examples": min(spec.sparse.calib_examples, len(setup.train_loader.dataset))
+        "calibration_examples": min(spec.sparse.calibration.examples, len(setup.train_loader.dataset))
         if uses_calibration(spec) else 0,
         "folded_params": model.num_folded_params() if isinstance(model, SparseModel) else 0,
         "mask_updates": getattr(getattr(model, "method", None), "history", []),

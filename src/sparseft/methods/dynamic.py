@@ -1,6 +1,6 @@
-"""Dynamic masks (SPEFT dynamic): rescore every ``update_every`` steps and move the index sets.
+"""Dynamic masks (SPEFT dynamic): rescore every ``dynamic.update_every`` steps and move the index sets.
 
-Gradient-based scorers read the dense weight gradients of the last ``score_window``
+Gradient-based scorers read the dense weight gradients of the last ``dynamic.score_window``
 ordinary training steps before each update: ``on_step_begin`` arms the layers'
 ``grad_observer`` for those steps, so the training backward pass itself yields them (no
 extra passes, and it works under ``transformers.Trainer``, which hands callbacks no
@@ -8,7 +8,7 @@ batch). Data-free scorers (random, magnitude, synflow) are simply recomputed.
 
 At an update, entries that stay keep their values and optimizer state; new entries start
 at zero with fresh per-entry optimizer state (step 0); dropped entries are folded into the
-base weight (``drop_policy="merge"``, recorded and saved with the adapter) or discarded
+base weight (``dynamic.drop_policy="merge"``, recorded and saved with the adapter) or discarded
 (``"zero"``). The budget is the same after every update.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class DynamicMask(Method):
 
     def in_window(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) feeds the next rescoring."""
-        u, w = self.config.update_every, self.config.score_window
+        u, w = self.config.dynamic.update_every, self.config.dynamic.score_window
         return (step - 1) % u >= u - w
 
     def on_step_begin(self, step: int, model: Any) -> None:
@@ -55,7 +55,7 @@ class DynamicMask(Method):
         GradientSum.disarm(model.sparse_layers())
 
     def on_step(self, step: int, model: Any, optimizer: Any = None, batch: Any = None) -> None:
-        if step % self.config.update_every:
+        if step % self.config.dynamic.update_every:
             return
         cfg = self.config
         self._disarm(model)
@@ -65,13 +65,13 @@ class DynamicMask(Method):
             if grads is None or not grads.buffers:
                 return  # no window seen since the last update (e.g. training resumed here)
             grads.buffers = grads.pop()  # averaged over ranks: every rank makes the same choice
-            scores = scores_from_gradient(cfg.method, layers, grads, cfg.d3_epsilon, cfg.d3_exponent)
+            scores = scores_from_gradient(cfg.method, layers, grads, cfg.id3.d3_epsilon, cfg.id3.d3_exponent)
         else:
             scores = compute_scores(cfg.method, layers, model=model, seed=cfg.seed + self.updates + 1,
                                     order=cfg.magnitude_order)
         index_sets = select_topk(scores, resolve_budget(cfg, model.target_shapes()), cfg.selection, consume=True)
         del scores
-        dropped = model.set_index_sets(index_sets, optimizer, drop_policy=cfg.drop_policy)
+        dropped = model.set_index_sets(index_sets, optimizer, drop_policy=cfg.dynamic.drop_policy)
         self.updates += 1
         self.history.append({"step": step, "moved": sum(dropped.values())})
 

@@ -1,23 +1,23 @@
 """SpIEL-style grow-drop (Ansell et al., arXiv 2401.16405), a reference method.
 
-Start from a seeded random index set of B entries. Every U = ``grow_drop_every`` optimizer
+Start from a seeded random index set of B entries. Every U = ``grow_drop.every`` optimizer
 steps (at steps U, 2U, ... before the last step), after the optimizer step:
 
 - drop: the n_t entries with the smallest |value| over all targeted matrices (ties: the
   earlier layer, then the lower index) leave the index set; their values are discarded
   (the delta returns to pretrained there);
 - grow: the n_t entries with the largest |sum of g over the window| (the dense weight
-  gradient accumulated over the last W = min(``score_window``, U) steps up to and
+  gradient accumulated over the last W = min(``grow_drop.score_window``, U) steps up to and
   including the update step, default 8 of 20) among entries that were not indexed before
   the drop join, at zero with fresh optimizer state;
 - n_t = round(f_t · B), f_t = f_0 · (1 + cos(pi · t / T)) / 2 (cosine decay from
-  f_0 = ``grow_drop_fraction``, default 0.2, to 0 at the last step T).
+  f_0 = ``grow_drop.fraction``, default 0.2, to 0 at the last step T).
 
 Surviving entries keep values and optimizer state, so the total stays B. Only the W window
 steps observe the dense gradient (one dense matmul per targeted layer instead of the
 sparse gradient, and one dense float32 accumulator per layer while the window lasts); the
 other steps cost what a static mask costs. SpIEL-AG accumulates the same way, over a few
-steps before each regrowth (its public code: 5 of every 20 steps); ``score_window=U``
+steps before each regrowth (its public code: 5 of every 20 steps); ``grow_drop.score_window=U``
 accumulates over whole intervals.
 """
 from __future__ import annotations
@@ -46,17 +46,17 @@ class GrowDrop(Method):
 
     def fraction(self, step: int) -> float:
         total = self.total_steps or step
-        return self.config.grow_drop_fraction * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return self.config.grow_drop.fraction * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
     def _is_update(self, step: int) -> bool:
-        every = self.config.grow_drop_every
+        every = self.config.grow_drop.every
         return step % every == 0 and (self.total_steps is None or step < self.total_steps)
 
     def in_window(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) feeds the next swap's gradient sum."""
-        every = self.config.grow_drop_every
+        every = self.config.grow_drop.every
         swap = -(-step // every) * every  # the next update step, ``step`` itself included
-        return swap - step < min(self.config.score_window, every) and self._is_update(swap)
+        return swap - step < min(self.config.grow_drop.score_window, every) and self._is_update(swap)
 
     def on_step_begin(self, step: int, model: Any) -> None:
         if self.in_window(step):

@@ -1,7 +1,7 @@
 """ID3: incremental unmasking by the d3 score (Agarwal et al., arXiv 2408.14470).
 
 Training starts with no entries. Unmasking happens at the "events" t = 1, 1+K, 1+2K, ...
-(K = ``unmask_every``, default 1), E = ceil(T / K) events for T optimizer steps. Event j
+(K = ``id3.unmask_every``, default 1), E = ceil(T / K) events for T optimizer steps. Event j
 (0-based) unmasks floor(B / E) entries, plus one for the first B mod E events, so exactly
 B entries are active after the last event (at step T when K = 1). Entries are never
 dropped.
@@ -136,7 +136,7 @@ class ID3(Method):
         super().on_train_begin(total_steps, model)
         if total_steps is None or total_steps < 1:
             raise ValueError("ID3 needs the planned number of optimizer steps (train with sparseft.train or SparseCallback)")
-        counts = unmask_schedule(total_steps, self.budget, self.config.unmask_every)
+        counts = unmask_schedule(total_steps, self.budget, self.config.id3.unmask_every)
         if model.num_sparse_params() and self.counts is not None and counts != self.counts:
             # A loaded ID3 adapter continued with another schedule would unmask past its budget.
             raise ValueError(
@@ -167,8 +167,8 @@ class ID3(Method):
         cfg = self.config
         scores = {}
         for name, layer in layers.items():
-            s = d3_score(grads[name], full_tensor(layer.weight) if cfg.d3_exponent else layer.weight,
-                         cfg.d3_epsilon, cfg.d3_exponent)
+            s = d3_score(grads[name], full_tensor(layer.weight) if cfg.id3.d3_exponent else layer.weight,
+                         cfg.id3.d3_epsilon, cfg.id3.d3_exponent)
             s[layer.indices.long()] = float("-inf")  # only still-masked entries compete
             scores[name] = s
         grow(model, select_topk(scores, k, "global", consume=True), optimizer, grads)

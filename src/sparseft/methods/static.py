@@ -16,11 +16,12 @@ def score_and_select(model: Any, data: Any = None, seed: int | None = None) -> d
     budget = resolve_budget(cfg, model.target_shapes())
     selector = registry.get(cfg.method).load_selector()
     if selector is not None:  # e.g. grasp: scored group by group into a streaming top-k (less memory)
-        return selector(layers, budget, cfg.selection, model=model, data=data, micro_batch=cfg.calib_micro_batch)
+        return selector(layers, budget, cfg.selection, model=model, data=data, micro_batch=cfg.calibration.micro_batch,
+                        loss_fn=cfg.calibration.loss_fn)
     scores = compute_scores(
         cfg.method, layers, model=model, data=data, seed=cfg.seed if seed is None else seed,
-        order=cfg.magnitude_order, d3_epsilon=cfg.d3_epsilon, d3_exponent=cfg.d3_exponent,
-        micro_batch=cfg.calib_micro_batch,
+        order=cfg.magnitude_order, d3_epsilon=cfg.id3.d3_epsilon, d3_exponent=cfg.id3.d3_exponent,
+        micro_batch=cfg.calibration.micro_batch, loss_fn=cfg.calibration.loss_fn,
     )
     return select_topk(scores, budget, cfg.selection, consume=True)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..delta import SparseDeltaLayer
+from ..config import CALLABLE
 from ..distributed import all_reduce_mean_, full_tensor
 
 Batch = Mapping[str, Any]
@@ -52,15 +53,48 @@ def calibration_batches(data: Iterable[Batch] | None, method: str) -> list[Batch
     return batches
 
 
-def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return _loss_of(model(**batch))
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def _loss(model: nn.Module, batch: Batch, loss_fn: LossFn | str | None = None) -> torch.Tensor:
+    """``loss_fn(model, batch)``, or the loss the model's forward returns (``model(**batch).loss``).
+
+    A loss function must return the mean loss over the batch's examples (micro-batches
+    are weighted by their share of the examples, ``micro_batches``).
+    """
+    if loss_fn is None:
+        return _loss_of(model(**batch))
+    if loss_fn == CALLABLE:
+        raise ValueError("calibration.loss_fn was a callable, which a saved config does not hold: "
+                         "pass the loss function again (SparseConfig.calibration.loss_fn)")
+    return loss_fn(model, batch)
 
 
 def _loss_of(out: Any) -> torch.Tensor:
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
-        raise ValueError("calibration batches must carry labels, so that the model returns a loss")
+        raise ValueError("calibration batches must carry labels, so that the model returns a loss "
+                         "(or give SparseConfig.calibration.loss_fn(model, batch) -> loss)")
     return loss
+
+
+class _LossOf(nn.Module):
+    """``_loss`` as a module around ``model``, for ``torch.func.functional_call``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | str | None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, **batch: Any) -> torch.Tensor:
+        return _loss(self.model, batch, self.loss_fn)
+
+
+def functional_loss(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch,
+                    loss_fn: LossFn | str | None = None) -> torch.Tensor:
+    """``_loss`` with ``params`` (names relative to ``model``) in place of the model's own."""
+    swapped = {f"model.{name}": p for name, p in params.items()}
+    return torch.func.functional_call(_LossOf(model, loss_fn), swapped, (), dict(batch))
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -196,7 +230,7 @@ def _backward_to_values(loss: torch.Tensor, layers: Mapping[str, SparseDeltaLaye
 
 
 def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batches: list[Batch],
-                  micro_batch: int | None = None) -> GradientSum:
+                  micro_batch: int | None = None, loss_fn: LossFn | str | None = None) -> GradientSum:
     """g = sum_b (n_b / N) grad L_b: the example-weighted mean gradient of the loss.
 
     With ``micro_batch``, each batch runs in pieces of at most that many examples,
@@ -210,7 +244,7 @@ def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batc
         for b in batches:
             for piece, weight in micro_batches(model, b, micro_batch):
                 acc.scale = batch_size(b) / total * weight
-                _backward_to_values(_loss(model, _to_device(piece, device)), layers)
+                _backward_to_values(_loss(model, _to_device(piece, device), loss_fn), layers)
     all_reduce_mean_(acc.buffers)  # under torch.distributed: every rank scores (and selects) alike
     return acc
 

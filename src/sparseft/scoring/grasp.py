@@ -14,8 +14,8 @@ from torch.overrides import TorchFunctionMode
 from ..delta import SparseDeltaLayer
 from ..distributed import all_reduce_mean_
 from ..select import StreamingTopK, select_topk
-from .calibration import (Batch, _loss, _loss_of, _model_device, _to_device, _weight, batch_size,
-                          calibration_batches, mean_gradient, micro_batches, scoring_mode)
+from .calibration import (Batch, LossFn, _loss, _model_device, _to_device, _weight, batch_size, calibration_batches,
+                          functional_loss, mean_gradient, micro_batches, scoring_mode)
 
 
 @contextlib.contextmanager
@@ -213,7 +213,7 @@ def _patched_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
 
 
 def _second_order_pass(model: nn.Module, blocks: list[nn.Module], batch: Batch, duals: Callable,
-                       lowest: int, plain_head: bool) -> None:
+                       lowest: int, plain_head: bool, loss_fn: LossFn | str | None = None) -> None:
     """Forward with tangents, then backward into the group's weights, one block at a time.
 
     ``duals(module)``, called inside a dual level, gives the module's targeted weights as
@@ -260,7 +260,7 @@ def _second_order_pass(model: nn.Module, blocks: list[nn.Module], batch: Batch, 
         with contextlib.ExitStack() as stack:
             for i, block in enumerate(blocks):
                 stack.enter_context(_patched_forward(block, run(i)))
-            loss = _loss_of(torch.func.functional_call(model, weights, (), batch))
+            loss = functional_loss(model, weights, batch, loss_fn)
         if len(calls) != len(blocks):
             raise _Unsupported(f"the model ran its {len(blocks)} blocks {len(calls)} times")
         leaf, tangent = top
@@ -293,7 +293,7 @@ def _second_order_pass(model: nn.Module, blocks: list[nn.Module], batch: Batch, 
             weights, targets = duals(model)
             try:
                 with _patched_forward(blocks[0], stop):
-                    torch.func.functional_call(model, weights, (), batch)
+                    functional_loss(model, weights, batch, loss_fn)
             except _Stop as end:
                 if end.hidden.grad_fn is not None:
                     torch.autograd.backward(end.hidden, _join(grad), inputs=targets)
@@ -310,7 +310,8 @@ def _lowest_block(blocks: list[nn.Module] | None, layers: Mapping[str, SparseDel
 
 
 def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
-                             group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator) -> None:
+                             group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator,
+                             loss_fn: LossFn | str | None = None) -> None:
     """H g for the group's layers: every targeted weight becomes a dual tensor (primal W,
     tangent g; both shared, not copied), swapped in by ``functional_call``; the forward
     pass carries tangents, and the tangent of the ordinary backward's weight gradient is
@@ -356,7 +357,7 @@ def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaL
             piece = _to_device(piece, device)
             if blocks is not None:
                 try:
-                    _second_order_pass(model, blocks, piece, duals, lowest, plain_head)
+                    _second_order_pass(model, blocks, piece, duals, lowest, plain_head, loss_fn)
                     continue
                 except _Unsupported:
                     if k:
@@ -365,13 +366,14 @@ def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaL
                     blocks = None
             with fwAD.dual_level():
                 overrides, targets = duals(model)
-                loss = _loss_of(torch.func.functional_call(model, overrides, (), piece))
+                loss = functional_loss(model, overrides, piece, loss_fn)
                 torch.autograd.backward(loss, inputs=targets)
                 del loss, overrides, targets
 
 
 def _hg_double_backward(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], g: Mapping[str, torch.Tensor],
-                        group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator) -> None:
+                        group: list[str], batches: list[Batch], micro_batch: int | None, acc: _Accumulator,
+                        loss_fn: LossFn | str | None = None) -> None:
     """H g for the group's layers by double backward: every targeted layer computes
     y + e * (x @ g^T) with a scalar leaf e = 0 (the forward pass of L(W + e g)); the first
     backward takes only z = dL/de = g . grad L (create_graph), the second H g = dz/dW.
@@ -402,7 +404,7 @@ def _hg_double_backward(model: nn.Module, layers: Mapping[str, SparseDeltaLayer]
                 handles.append(w.register_hook(lambda grad, n=n: acc.add(n, grad)))
                 handles.append(w.register_post_accumulate_grad_hook(_drop_grad))
             for piece, acc.scale in _pieces(model, batches, micro_batch):
-                loss = _loss(model, _to_device(piece, device))
+                loss = _loss(model, _to_device(piece, device), loss_fn)
                 (z,) = torch.autograd.grad(loss, eps, create_graph=True)
                 del loss
                 torch.autograd.backward(z, inputs=targets)
@@ -417,7 +419,7 @@ HG_METHODS = ("auto", "forward-over-reverse", "double-backward")
 
 def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
                  micro_batch: int | None = None, groups: list[list[str]] | None = None,
-                 hg_method: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+                 hg_method: str = "auto", loss_fn: LossFn | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """GraSP scores, w * (H g), yielded layer by layer (in layer order, group by group).
 
     g (the mean gradient, one float32 buffer per targeted layer) comes first. Then, for
@@ -439,7 +441,7 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
     groups = groups or [names]
     if [n for grp in groups for n in grp] != names:
         raise ValueError("grasp groups must cover the layers in order")
-    g_sum = mean_gradient(model, layers, batches, micro_batch)
+    g_sum = mean_gradient(model, layers, batches, micro_batch, loss_fn)
     g = {n: g_sum.get(n, layers[n]) for n in names}
     del g_sum
     # The math attention kernel has forward-mode and double-backward derivatives.
@@ -452,7 +454,7 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
             run = _hg_forward_over_reverse if method == "forward-over-reverse" else _hg_double_backward
             try:
                 with scoring_mode(model), sdpa_kernel([SDPBackend.MATH]):
-                    run(model, layers, g, group, batches, micro_batch, acc)
+                    run(model, layers, g, group, batches, micro_batch, acc, loss_fn)
                 break
             except NotImplementedError as err:
                 if hg_method != "auto" or method != "forward-over-reverse":
@@ -470,16 +472,17 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
 
 
 def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-                 micro_batch: int | None = None, hg_method: str = "auto", **_: object) -> dict[str, torch.Tensor]:
+                 micro_batch: int | None = None, hg_method: str = "auto", loss_fn: LossFn | str | None = None,
+                 **_: object) -> dict[str, torch.Tensor]:
     """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
     mean loss (``grasp_stream`` with one group: g and H g of every layer held at once).
     ``grasp_select`` chooses the same index sets with less memory."""
-    return dict(grasp_stream(layers, model, data, micro_batch, hg_method=hg_method))
+    return dict(grasp_stream(layers, model, data, micro_batch, hg_method=hg_method, loss_fn=loss_fn))
 
 
 def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
                  model: nn.Module | None = None, data: Any = None, micro_batch: int | None = None,
-                 group_fraction: float = 0.125) -> dict[str, torch.Tensor]:
+                 group_fraction: float = 0.125, loss_fn: LossFn | str | None = None) -> dict[str, torch.Tensor]:
     """The top-``budget`` grasp index sets, the same as ``select_topk(grasp_scores(...))``.
 
     Layers are scored in groups of at most ``group_fraction`` of the targeted entries,
@@ -490,9 +493,11 @@ def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection:
     """
     total = sum(layer.weight.numel() for layer in layers.values())
     if budget * 8 > total:
-        return select_topk(grasp_scores(layers, model, data, micro_batch), budget, selection, consume=True)
+        return select_topk(grasp_scores(layers, model, data, micro_batch, loss_fn=loss_fn), budget, selection,
+                           consume=True)
     topk = StreamingTopK({n: layer.weight.numel() for n, layer in layers.items()}, budget, selection)
-    for name, score in grasp_stream(layers, model, data, micro_batch, grasp_groups(layers, group_fraction)):
+    for name, score in grasp_stream(layers, model, data, micro_batch, grasp_groups(layers, group_fraction),
+                                    loss_fn=loss_fn):
         topk.add(name, score)
         del score
     return topk.result()

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..delta import SparseDeltaLayer
 from ..distributed import all_reduce_mean_
-from .calibration import (GradientSum, _backward_to_values, _loss, _model_device, _to_device, _weight, batch_size,
+from .calibration import (GradientSum, LossFn, _backward_to_values, _loss, _model_device, _to_device, _weight, batch_size,
                           calibration_batches, mean_gradient, observing, scoring_mode, split_examples)
 
 ScoreFn = Callable[..., dict[str, torch.Tensor]]
@@ -66,8 +66,8 @@ def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], gr
 def _gradient_scorer(method: str) -> ScoreFn:
     def scorer(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
                d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, micro_batch: int | None = None,
-               **_: object) -> dict[str, torch.Tensor]:
-        grads = mean_gradient(model, layers, calibration_batches(data, method), micro_batch)
+               loss_fn: LossFn | str | None = None, **_: object) -> dict[str, torch.Tensor]:
+        grads = mean_gradient(model, layers, calibration_batches(data, method), micro_batch, loss_fn)
         return scores_from_gradient(method, layers, grads, d3_epsilon, d3_exponent)
 
     scorer.__name__ = f"{method}_scores"
@@ -82,7 +82,7 @@ d3_scores = _gradient_scorer("d3")
 
 
 def fisher_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-                  **_: object) -> dict[str, torch.Tensor]:
+                  loss_fn: LossFn | str | None = None, **_: object) -> dict[str, torch.Tensor]:
     """Empirical Fisher diagonal: mean over examples of (grad of that example's loss)^2.
 
     Examples run as micro-batches of one; each layer's per-example gradient is squared
@@ -96,7 +96,7 @@ def fisher_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | Non
     with scoring_mode(model), observing(layers, acc.observer):
         for b in batches:
             for example in split_examples(b):
-                _backward_to_values(_loss(model, _to_device(example, device)), layers)
+                _backward_to_values(_loss(model, _to_device(example, device), loss_fn), layers)
     all_reduce_mean_(acc.buffers)
     return {name: acc.get(name, layer).reshape(-1) for name, layer in layers.items()}
 
