@@ -151,3 +151,21 @@ def test_classification_and_causal_runs_calibrate_on_the_same_seeded_order(folde
             assert got.keys() == want.keys()
             for key in got:
                 assert torch.equal(got[key], want[key]), key
+
+
+def test_a_sweep_resumes_a_stopped_run_from_its_checkpoint(folders, tmp_path, monkeypatch):
+    from sparseft.app.sweep import run_sweep
+
+    grid = {"out": str(tmp_path / "out"), "isolate": False, "methods": ["lora"], "budgets": [{"match_lora_rank": 1}],
+            "base": {"model": str(folders / "bert"), "train_file": str(folders / "train.jsonl"),
+                     "eval_file": str(folders / "eval.jsonl"), "max_steps": 6, "batch_size": 8, "save_every": 2}}
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    kill_after_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tmp_path / "grid.json", log=lambda line: None)
+    monkeypatch.undo()
+    lines = []
+    run_sweep(tmp_path / "grid.json", log=lines.append)
+    assert any("resuming from its newest checkpoint" in line for line in lines)
+    metrics = json.loads((tmp_path / "out" / "lora-r1-s0" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["resumed_from"].endswith("checkpoint-2")

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--magnitude-order", default="largest", choices=["largest", "smallest"], help="for --method magnitude")
     m.add_argument("--calib-examples", type=int, default=1024,
                    help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
-                        "order, capped by its size)")
+                        "order, capped by its size; causal LMs: training sequences)")
     m.add_argument("--calib-batch-size", type=int,
                    help="batch size of the calibration batches (default: --batch-size)")
     m.add_argument("--calib-micro-batch", type=int, default=1,

@@ -3,7 +3,8 @@
 Each run is one ``sparseft train`` command line (in a fresh process by default, so peak
 memory and timings are its own) writing ``<out>/<run>/metrics.json``; every finished run
 is appended to ``<out>/results.jsonl``. A sweep resumes: runs whose metrics.json exists
-are skipped (and added to results.jsonl if missing there).
+are skipped (and added to results.jsonl if missing there), and a run stopped after a
+checkpoint (``save_every`` in ``base``) continues from it (``sparseft train --resume``).
 
 Grid file (YAML or JSON)::
 
@@ -18,7 +19,7 @@ Grid file (YAML or JSON)::
       - density: 0.01
     lrs: {random: [5e-3, 1e-2], lora: [5e-4], full: [5e-5]}   # or one list for all; omitted: method default
     seeds: [0, 1]
-    isolate: true              # one process per run (default)
+    isolate: true              # one process per run (default); false: runs in this process
 
 ``full`` fine-tuning has no budget and runs once per learning rate and seed. For LoRA
 and SHiRA a ``match_lora_rank`` budget is the rank itself.
@@ -33,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import latest_checkpoint
 from .data import DataError
 from .options import train_from_argv
+from .runner import CHECKPOINTS, SPEC_NAME
 
 BUDGET_KEYS = ("match_lora_rank", "density", "num_params")
 NO_BUDGET = ("full",)
@@ -161,8 +164,9 @@ def run_sweep(grid_path: str | Path, dry_run: bool = False, log=print) -> Path:
             log(f"[{i}/{len(runs)}] would run: sparseft {' '.join(run.argv)}")
             continue
         else:
-            log(f"[{i}/{len(runs)}] {run.name}")
-            code = _execute(run.argv, isolate, out / run.name, log)
+            argv = _resume_argv(out / run.name) or run.argv
+            log(f"[{i}/{len(runs)}] {run.name}" + (" (resuming from its newest checkpoint)" if argv is not run.argv else ""))
+            code = _execute(argv, isolate, out / run.name, log)
             if code != 0 or not metrics_path.is_file():
                 failures.append(run.name)
                 log(f"  failed (exit {code}); see {out / run.name / 'log.txt'}" if isolate else f"  failed (exit {code})")
@@ -182,6 +186,14 @@ def run_sweep(grid_path: str | Path, dry_run: bool = False, log=print) -> Path:
     return results
 
 
+def _resume_argv(folder: Path) -> list[str] | None:
+    """``train --resume`` for a run that was stopped after a checkpoint (``save_every`` in
+    the grid's ``base``); None when the run has to start over."""
+    if (folder / SPEC_NAME).is_file() and latest_checkpoint(folder / CHECKPOINTS) is not None:
+        return ["train", "--resume", str(folder)]
+    return None
+
+
 def _execute(argv: list[str], isolate: bool, folder: Path, log=print) -> int:
     """Run one ``train`` command line: in a child process (its output in ``log.txt``), or
     in this process (``isolate: false``); returns its exit status."""
@@ -195,6 +207,6 @@ def _execute(argv: list[str], isolate: bool, folder: Path, log=print) -> int:
             return 2
         return 0
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "log.txt", "w") as log:
+    with open(folder / "log.txt", "a") as log:  # a resumed run's log follows its first part
         return subprocess.call([sys.executable, "-m", "sparseft.app.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                                env=os.environ.copy())
