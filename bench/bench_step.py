@@ -9,6 +9,10 @@ on a fixed batch, for:
                    requires grad): the least any fine-tuning method can cost.
 * ``sparse``       sparseft, static random mask with as many entries as LoRA r (``--rank``)
                    on the same targets; SparseAdamW.
+* ``tile16``       the same with a tile mask (``granularity="tile16"``: random whole 16 x 16
+                   tiles, as many entries up to half a tile); its values' gradient is the
+                   block-sparse path.
+* ``tile32``       the same with 32 x 32 tiles.
 * ``lora``         peft LoRA of rank r on every linear layer of the transformer blocks.
 * ``shira``        peft SHiRA with the same parameter count (peft's own sparse method).
 * ``supertuning``  peft Super-Tuning (magnitude support) at the same density.
@@ -33,6 +37,8 @@ Reproduce::
     python bench/bench_step.py --reps 6 --out bench/results/step_minilm.json
     python bench/bench_step.py --memory --out bench/results/step_minilm_memory.json
     python bench/bench_step.py --model smollm2-random --device cuda --dtype bf16 --batch 8 --seq 256 --reps 20
+    OMP_NUM_THREADS=1 nice -n 10 python bench/bench_step.py --threads 1 --clock cpu --reps 8 --warmup 2 \
+        --setups floor,sparse,tile16,tile32,lora --out bench/results/2026-11-29/step_minilm_tiles_cpu1.json
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ import time
 import torch
 
 SETUPS = ("floor", "sparse", "lora", "shira", "supertuning", "full")
+OPTIONAL_SETUPS = ("tile16", "tile32")  # run when named in --setups
 TARGETS = ["query", "key", "value", "dense"]  # every Linear of the BERT encoder and pooler
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,6 +70,10 @@ SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 LLAMA_1B_CONFIG = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True)
+LLAMA_8B_CONFIG = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
+RANDOM_LLAMAS = {"smollm2-random": SMOLLM2_CONFIG, "llama-1b-random": LLAMA_1B_CONFIG, "llama-8b-random": LLAMA_8B_CONFIG}
 
 
 def rss_mb() -> float:
@@ -91,8 +102,8 @@ def load_base(model_name: str = "default", device: str = "cpu", dtype: torch.dty
         model, _ = load_causal_lm("smollm2")
     elif model_name == "minilm-random":
         model = BertForSequenceClassification(BertConfig(**MINILM_CONFIG))
-    elif model_name in ("smollm2-random", "llama-1b-random"):
-        config = SMOLLM2_CONFIG if model_name == "smollm2-random" else LLAMA_1B_CONFIG
+    elif model_name in RANDOM_LLAMAS:
+        config = RANDOM_LLAMAS[model_name]
         with torch.device(device):  # a 1 B model is built where it runs
             model = LlamaForCausalLM(LlamaConfig(**config))
     else:
@@ -127,8 +138,10 @@ def build(setup: str, rank: int, model_name: str = "default", device: str = "cpu
         return model, None, True
     if setup == "full":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5), False
-    if setup == "sparse":
-        sm = sparseft.get_sparse_model(model, sparseft.SparseConfig(method="random", num_params=k, target_modules=targets))
+    if setup in ("sparse", "tile16", "tile32"):
+        granularity = "entry" if setup == "sparse" else setup
+        sm = sparseft.get_sparse_model(model, sparseft.SparseConfig(method="random", num_params=k, target_modules=targets,
+                                                                    granularity=granularity))
         return sm, sparseft.create_optimizer(sm, lr=1e-3), False
     if setup == "lora":
         cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
@@ -203,28 +216,28 @@ def run_timing(args) -> dict:
     for rep in range(args.warmup + args.reps):
         for s in args.setups:
             synchronize(args.device)
-            t0 = time.perf_counter()
+            timer = getattr(args, "timer", time.perf_counter)
+            t0 = timer()
             steps[s]()
             synchronize(args.device)
             if rep >= args.warmup:
-                times[s].append(time.perf_counter() - t0)
+                times[s].append(timer() - t0)
     median = {s: statistics.median(v) * 1000 for s, v in times.items()}
     # Ratios within each round (neighbouring steps) as well: their spread shows the machine's noise.
     round_ratios = {}
-    for ref in ("floor", "lora"):
-        if "sparse" in times and ref in times:
-            r = [a / b for a, b in zip(times["sparse"], times[ref])]
-            round_ratios[f"sparse/{ref}"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+    for mine in ("sparse", "tile16", "tile32"):
+        for ref in ("floor", "lora"):
+            if mine in times and ref in times:
+                r = [a / b for a, b in zip(times[mine], times[ref])]
+                round_ratios[f"{mine}/{ref}"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
     return {
         "median_ms": median,
         "round_ratios": round_ratios,
         "all_ms": {s: [t * 1000 for t in v] for s, v in times.items()},
         "trainable_params": {s: trainable_count(built[s][0]) for s in args.setups},
-        "ratios": {
-            "sparse/floor": median.get("sparse", float("nan")) / median.get("floor", float("nan")),
-            "sparse/lora": median.get("sparse", float("nan")) / median.get("lora", float("nan")),
-            "sparse/full": median.get("sparse", float("nan")) / median.get("full", float("nan")),
-        },
+        "ratios": {f"{mine}/{ref}": median[mine] / median[ref]
+                   for mine in ("sparse", "tile16", "tile32") for ref in ("floor", "lora", "full")
+                   if mine in median and ref in median},
     }
 
 
@@ -310,25 +323,22 @@ def apply_timing_options(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setups", default=",".join(SETUPS))
+    p.add_argument("--setups", default=",".join(SETUPS), help=f"any of {', '.join(SETUPS + OPTIONAL_SETUPS)}")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank; the sparse methods match its parameter count")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--memory", action="store_true", help="peak RSS per setup, each in its own process")
     p.add_argument("--steps", type=int, default=3, help="steps per process with --memory")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", default="default",
-                   help="default | smollm2 | minilm-random | smollm2-random | llama-1b-random")
+                   help="default | smollm2 | minilm-random | smollm2-random | llama-1b-random | llama-8b-random")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--out")
+    add_timing_options(p)
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.timer = apply_timing_options(args)
     args.setups = args.setups.split(",")
     if args.child:
         print(json.dumps(run_memory_child(args.child, args)))
@@ -338,7 +348,7 @@ def main() -> None:
     result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
                       "seq": args.seq, "rank": args.rank, "machine": platform.machine(), "model": args.model,
                       "device": args.device, "device_name": device_name, "dtype": args.dtype,
-                      "loadavg": os.getloadavg(), "argv": sys.argv[1:]}
+                      "clock": args.clock, "loadavg": os.getloadavg(), "argv": sys.argv[1:]}
     print(table(result))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

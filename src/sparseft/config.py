@@ -25,6 +25,8 @@ DROP_POLICIES = ("merge", "zero")
 SELECTIONS = ("global", "per-layer")
 MAGNITUDE_ORDERS = ("largest", "smallest")
 BACKENDS = ("auto", "native", "sampled_addmm", "gather", "dense")
+# "entry": any entries; "tile16"/"tile32": whole aligned 16x16 / 32x32 tiles (sparseft/tiles.py).
+GRANULARITIES = ("entry", "tile16", "tile32")
 # The budget when none is given: this fraction of the targeted weights (select.resolve_budget).
 DEFAULT_DENSITY = 0.01
 # What a saved config holds in place of a callable (target_modules, calibration.loss_fn):
@@ -181,6 +183,9 @@ class SparseConfig:
     train_bias: bool = _help("also train the biases of targeted layers (densely)", default=False)
     backend: str = _help("SDDMM backend of the values' gradient: auto, native, sampled_addmm, gather, dense",
                          default="auto")
+    granularity: str = _help("mask structure: 'entry' (any entries), or whole aligned 16x16 / 32x32 tiles "
+                             "('tile16', 'tile32'): scores pooled by tile mean, the budget still counts entries "
+                             "(docs/gpu.md)", default="entry")
     schedule: str = _help("scorers: 'static' chooses once; 'dynamic' rescores during training (see dynamic)",
                           default="static")
     calibration: CalibrationOptions = _help("calibration data of the scorers that need it",
@@ -220,6 +225,8 @@ class SparseConfig:
             raise ConfigError(f"selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.magnitude_order not in MAGNITUDE_ORDERS:
             raise ConfigError(f"magnitude_order={self.magnitude_order!r}; choose one of {', '.join(MAGNITUDE_ORDERS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity={self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r}; choose one of {', '.join(BACKENDS)}")
         targets = self.target_modules

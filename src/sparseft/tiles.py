@@ -26,8 +26,6 @@ from typing import Mapping
 
 import torch
 
-from .config import ConfigError
-
 GRANULARITIES = {"entry": 1, "tile16": 16, "tile32": 32}
 
 
@@ -36,6 +34,8 @@ def tile_side(granularity: str) -> int:
     try:
         return GRANULARITIES[granularity]
     except KeyError:
+        from .config import ConfigError  # here, not at the top: the delta layout imports this module
+
         raise ConfigError(f"granularity={granularity!r}; choose one of {', '.join(GRANULARITIES)}") from None
 
 
@@ -140,6 +140,8 @@ def select_tiles(tile_scores: Mapping[str, torch.Tensor], shapes: Mapping[str, t
 
         shares = allocate_per_layer({n: shapes[n][0] * shapes[n][1] for n in names}, budget)
         return {n: select_tiles({n: tile_scores[n]}, shapes, t, shares[n], "global")[n] for n in names}
+    from .config import ConfigError
+
     if selection != "global":
         raise ConfigError(f"unknown selection {selection!r}")
     total = sum(shapes[n][0] * shapes[n][1] for n in names)

@@ -9,8 +9,8 @@ import argparse
 from typing import Any
 
 from .. import registry
-from ..config import (DEFAULT_DENSITY, DROP_POLICIES, CalibrationOptions, ConfigError, DynamicOptions, GrowDropOptions,
-                      ID3Options, SparseConfig)
+from ..config import (DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, CalibrationOptions, ConfigError, DynamicOptions,
+                      GrowDropOptions, ID3Options, SparseConfig)
 from ..train import TrainingArguments
 from .baselines import BaselineConfig
 from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target-modules", default="all-linear",
                    help="'all-linear', a regex on module names, or comma-separated name suffixes")
     m.add_argument("--selection", default="global", choices=["global", "per-layer"], help="one top-k over all targets, or a share per layer")
+    m.add_argument("--granularity", default="entry", choices=list(GRANULARITIES),
+                   help="mask structure: single entries, or whole aligned 16x16 / 32x32 tiles (scores pooled by "
+                        "tile mean; the budget still counts entries, rounded to whole tiles; see docs/gpu.md)")
     m.add_argument("--magnitude-order", default="largest", choices=["largest", "smallest"], help="for --method magnitude")
     m.add_argument("--calib-examples", type=int, default=1024,
                    help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
@@ -180,7 +183,7 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
         raise ConfigError("--lora-rank is for --method lora or shira; sparse methods take --match-lora-rank")
     sparse = SparseConfig(
         method="random" if baseline else ns.method, density=density, num_params=num_params, match_lora_rank=match_lora_rank,
-        target_modules=_targets(ns.target_modules), selection=ns.selection,
+        target_modules=_targets(ns.target_modules), selection=ns.selection, granularity=ns.granularity,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
         schedule=ns.schedule,
         calibration=CalibrationOptions(examples=ns.calib_examples, micro_batch=ns.calib_micro_batch),

@@ -9,6 +9,7 @@ import weakref
 import torch
 
 from .. import native
+from ..blocksparse import tile_sddmm
 from .layout import IndexLayout
 from .scratch import _REORDERED, _scratch_flat
 
@@ -143,6 +144,9 @@ def sddmm(row_factor: torch.Tensor, col_factor: torch.Tensor, layout: IndexLayou
     if layout.full:
         # Every entry is indexed, in flat order: the dense weight gradient is the answer.
         return row_factor.t().matmul(col_factor).reshape(-1)
+    if layout.tiles is not None and backend == "auto":
+        # Whole aligned tiles: one small dense product per tile (blocksparse.py).
+        return tile_sddmm(row_factor, col_factor, layout.tiles)
     tokens = row_factor.shape[0]
     kernel = None
     if backend == "auto":

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..blocksparse import TileLayout
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style Conv1D (weight stored as ``in x out``), detected without importing it."""
@@ -44,6 +46,9 @@ class IndexLayout:
         # Built on demand by transposed(); not for the throwaway layouts inside custom ops.
         self._transposed: tuple[IndexLayout, torch.Tensor] | None = None
         self.keeps_derived = parts is None
+        # Tile coordinates when the index is whole aligned tiles (blocksparse.py); not for
+        # the throwaway layouts inside custom ops.
+        self.tiles: TileLayout | None = None
         if parts is not None:  # already built (inside the custom op)
             self.crow, self.col, self.rows, self.flat_long = parts
             return
@@ -60,6 +65,7 @@ class IndexLayout:
         self.col = (flat % cols_n).to(torch.int32)
         self.rows = rows.to(torch.int32)
         self.flat_long = flat
+        self.tiles = TileLayout.detect(indices, self.weight_shape)
 
     @property
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

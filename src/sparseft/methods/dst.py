@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..select import allocate_per_layer, resolve_budget
+from ..tiles import expand_tiles, pool_scores, tile_count, tile_side, tile_sizes, top_tiles
 from .base import Method
 
 
@@ -67,6 +68,10 @@ class DST(Method):
         shapes = model.target_shapes()
         self.budget = resolve_budget(self.config, shapes)
         self.shares = allocate_per_layer({n: o * i for n, (o, i) in shapes.items()}, self.budget)
+        t = tile_side(self.config.granularity)
+        if t > 1:  # whole tiles: round(B / t^2) of them, split over the silos by their tile counts
+            grids = {n: tile_sizes(tuple(layer.weight.shape), t).numel() for n, layer in model.sparse_layers().items()}
+            self.tile_shares = allocate_per_layer(grids, min(tile_count(self.budget, t), sum(grids.values())))
         self.dense = True
         model.set_index_sets({
             name: torch.arange(layer.weight.numel(), dtype=torch.int32)
@@ -74,9 +79,25 @@ class DST(Method):
         })
 
     @torch.no_grad()
-    def project(self, model: Any) -> None:
+    def project(self, model: Any) -> dict[str, torch.Tensor]:
+        """Project every silo; returns the kept entries' flat positions per silo (tiles) or
+        an empty dict (entries: the nonzero values)."""
+        t = tile_side(self.config.granularity)
+        kept = {}
         for name, layer in model.sparse_layers().items():
-            project_topk_(layer.values.data, self.shares[name])
+            if t == 1:
+                project_topk_(layer.values.data, self.shares[name])
+                continue
+            # Tiles: keep the silo's share of tiles of largest mean |delta| (ties: lower tile id).
+            shape = tuple(layer.weight.shape)
+            pooled = pool_scores(layer.values.detach().abs(), shape, t)
+            k = self.tile_shares[name]
+            keep = expand_tiles(top_tiles({name: pooled}, k)[name], shape, t)
+            mask = torch.zeros(layer.values.numel(), dtype=torch.bool, device=layer.values.device)
+            mask[keep.long()] = True
+            layer.values.data.masked_fill_(~mask, 0.0)
+            kept[name] = keep
+        return kept
 
     def on_step(self, step: int, model: Any, optimizer: Any = None, batch: Any = None) -> None:
         if self.dense:
@@ -91,10 +112,11 @@ class DST(Method):
         from pretrained (at most k_s per silo)."""
         if not self.dense:
             return
-        self.project(model)
+        kept = self.project(model)
         index_sets = {}
         for name, layer in model.sparse_layers().items():
-            index_sets[name] = torch.nonzero(layer.values.detach() != 0).flatten().to(torch.int32)
+            index_sets[name] = kept[name] if name in kept else \
+                torch.nonzero(layer.values.detach() != 0).flatten().to(torch.int32)
         model.set_index_sets(index_sets, optimizer)
         self.dense = False
 
@@ -102,12 +124,17 @@ class DST(Method):
         self.compact(model, optimizer)
 
     def state_dict(self) -> dict:
-        return {"budget": self.budget, "shares": self.shares, "dense": self.dense}
+        state = {"budget": self.budget, "shares": self.shares, "dense": self.dense}
+        if hasattr(self, "tile_shares"):
+            state["tile_shares"] = self.tile_shares
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.budget = int(state["budget"])
         self.shares = {str(k): int(v) for k, v in state["shares"].items()}
         self.dense = bool(state["dense"])
+        if "tile_shares" in state:
+            self.tile_shares = {str(k): int(v) for k, v in state["tile_shares"].items()}
 
     def on_train_begin(self, total_steps: int | None, model: Any) -> None:
         super().on_train_begin(total_steps, model)

@@ -17,9 +17,10 @@ from typing import Any
 
 from .. import registry
 from ..scoring import GradientSum, compute_scores, scores_from_gradient
-from ..select import resolve_budget, select_topk
+from ..select import resolve_budget
+from ..tiles import select_entries
 from .base import Method
-from .static import score_and_select
+from .static import score_and_select, weight_shapes
 
 
 # Scorers that read loss gradients from calibration batches rescore from the dense
@@ -69,7 +70,8 @@ class DynamicMask(Method):
         else:
             scores = compute_scores(cfg.method, layers, model=model, seed=cfg.seed + self.updates + 1,
                                     order=cfg.magnitude_order)
-        index_sets = select_topk(scores, resolve_budget(cfg, model.target_shapes()), cfg.selection, consume=True)
+        index_sets = select_entries(scores, weight_shapes(layers), resolve_budget(cfg, model.target_shapes()),
+                                    cfg.selection, cfg.granularity, consume=True)
         del scores
         dropped = model.set_index_sets(index_sets, optimizer, drop_policy=cfg.dynamic.drop_policy)
         self.updates += 1

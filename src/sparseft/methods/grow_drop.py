@@ -29,8 +29,11 @@ import torch
 
 from ..scoring import GradientSum, random_scores
 from ..select import resolve_budget, select_topk
+from ..tiles import (expand_tiles, indexed_tiles, pool_entry_values, pool_scores, select_entries, tile_count,
+                     tile_of_entries, tile_side, top_tiles)
 from .base import Method
 from .id3 import grow
+from .static import weight_shapes
 
 
 class GrowDrop(Method):
@@ -40,7 +43,8 @@ class GrowDrop(Method):
         cfg = self.config
         layers = model.sparse_layers()
         self.budget = resolve_budget(cfg, model.target_shapes())
-        model.set_index_sets(select_topk(random_scores(layers, seed=cfg.seed), self.budget, cfg.selection))
+        model.set_index_sets(select_entries(random_scores(layers, seed=cfg.seed), weight_shapes(layers), self.budget,
+                                            cfg.selection, cfg.granularity))
         self._dense = GradientSum()
         self.swapped: list[tuple[int, int]] = []  # (step, entries swapped)
 
@@ -71,6 +75,10 @@ class GrowDrop(Method):
             return
         grads = self._dense.pop()
         layers = model.sparse_layers()
+        t = tile_side(self.config.granularity)
+        if t > 1:
+            self._swap_tiles(step, model, optimizer, grads, t)
+            return
         n = min(int(round(self.fraction(step) * self.budget)), self.budget)
         if n <= 0 or not grads:
             return
@@ -86,6 +94,31 @@ class GrowDrop(Method):
             score[layer.indices.long()] = float("-inf")  # only entries not indexed before the drop
             grow_scores[name] = score
         grow(model, select_topk(grow_scores, n, "global", consume=True), optimizer, keep=keep)
+        self.swapped.append((step, n))
+
+    def _swap_tiles(self, step: int, model: Any, optimizer: Any, grads: dict, t: int) -> None:
+        """The same swap in whole tiles: drop the n tiles of smallest mean |value|, grow the n
+        tiles of largest mean |sum of g| among tiles not indexed before the drop, with
+        n = round(f_t * round(B / t^2))."""
+        layers = model.sparse_layers()
+        shapes = weight_shapes(layers)
+        n = min(int(round(self.fraction(step) * tile_count(self.budget, t))), tile_count(self.budget, t))
+        if n <= 0 or not grads:
+            return
+        neg_mag, grow_scores, keep = {}, {}, {}
+        for name, layer in layers.items():
+            shape = shapes[name]
+            neg_mag[name] = -pool_entry_values(layer.values.detach().abs(), layer.indices, shape, t)
+            indexed = indexed_tiles(layer.indices, shape, t)
+            score = pool_scores(grads[name].reshape(-1).abs_(), shape, t) if name in grads else \
+                torch.zeros(indexed.numel())
+            score[indexed] = float("-inf")
+            grow_scores[name] = score
+        dropped = top_tiles(neg_mag, n)
+        for name, layer in layers.items():
+            keep[name] = ~torch.isin(tile_of_entries(layer.indices, shapes[name], t), dropped[name])
+        grown = top_tiles(grow_scores, n)
+        grow(model, {name: expand_tiles(grown[name], shapes[name], t) for name in layers}, optimizer, keep=keep)
         self.swapped.append((step, n))
 
     def on_train_end(self, model: Any, optimizer: Any = None) -> None:

@@ -31,6 +31,7 @@ import torch
 from ..distributed import full_tensor
 from ..scoring import GradientSum
 from ..select import resolve_budget, select_topk
+from ..tiles import expand_tiles, indexed_tiles, pool_scores, tile_count, tile_side, top_tiles
 from .base import Method
 
 
@@ -136,7 +137,10 @@ class ID3(Method):
         super().on_train_begin(total_steps, model)
         if total_steps is None or total_steps < 1:
             raise ValueError("ID3 needs the planned number of optimizer steps (train with sparseft.train or SparseCallback)")
-        counts = unmask_schedule(total_steps, self.budget, self.config.id3.unmask_every)
+        t = tile_side(self.config.granularity)
+        # With tiles the schedule counts whole tiles: round(B / t^2) of them in all.
+        units = self.budget if t == 1 else tile_count(self.budget, t)
+        counts = unmask_schedule(total_steps, units, self.config.id3.unmask_every)
         if model.num_sparse_params() and self.counts is not None and counts != self.counts:
             # A loaded ID3 adapter continued with another schedule would unmask past its budget.
             raise ValueError(
@@ -165,13 +169,24 @@ class ID3(Method):
         if set(grads) != set(layers):
             raise RuntimeError(f"ID3: no dense gradient for {sorted(set(layers) - set(grads))[:3]} at step {step}")
         cfg = self.config
+        t = tile_side(cfg.granularity)
         scores = {}
         for name, layer in layers.items():
             s = d3_score(grads[name], full_tensor(layer.weight) if cfg.id3.d3_exponent else layer.weight,
                          cfg.id3.d3_epsilon, cfg.id3.d3_exponent)
-            s[layer.indices.long()] = float("-inf")  # only still-masked entries compete
+            if t > 1:  # whole tiles compete by their mean score; indexed tiles are out
+                shape = tuple(layer.weight.shape)
+                s = pool_scores(s, shape, t)
+                s[indexed_tiles(layer.indices, shape, t)] = float("-inf")
+            else:
+                s[layer.indices.long()] = float("-inf")  # only still-masked entries compete
             scores[name] = s
-        grow(model, select_topk(scores, k, "global", consume=True), optimizer, grads)
+        if t > 1:
+            picked = top_tiles(scores, k)
+            new = {name: expand_tiles(picked[name], tuple(layer.weight.shape), t) for name, layer in layers.items()}
+        else:
+            new = select_topk(scores, k, "global", consume=True)
+        grow(model, new, optimizer, grads)
 
     def on_train_end(self, model: Any, optimizer: Any = None) -> None:
         self._dense.disarm(model.sparse_layers())
