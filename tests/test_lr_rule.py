@@ -25,6 +25,14 @@ def test_rule_at_the_reference_density_is_the_fitted_rate(method, family):
     assert rule_lr(method, REF_DENSITY) == pytest.approx(RULES[family][0])
 
 
+def test_rule_values_at_the_measured_budgets():
+    """random masking on all-linear MiniLM-L6 at LoRA-rank-equivalent budgets 1, 4, 16."""
+    targeted = 10_764_288
+    for entries, expected in ((42_240, 3.536e-2), (168_960, 1.25e-2), (675_840, 4.419e-3)):
+        assert rule_lr("random", entries / targeted) == pytest.approx(expected, rel=1e-3)
+    assert rule_lr("gradient", 168_960 / targeted) == pytest.approx(5e-3)
+
+
 def test_rule_follows_the_power_law_and_is_clipped(monkeypatch):
     at_ref, exponent = RULES["data-free"]
     # 4x the budget (e.g. LoRA rank 4 -> 16): the rate shrinks by 4 ** exponent
