@@ -1,6 +1,6 @@
 """Multi-process training (torch.distributed: DDP, FSDP2; launched by torchrun or accelerate).
 
-Design (DESIGN.md section 6). The methods change index sets during training, and
+Design (docs/distributed.md). The methods change index sets during training, and
 ``SparseDeltaLayer.set_indices`` gives the ``values`` parameter new storage of a new size.
 DDP's reducer (and FSDP2's sharding) are built once for fixed parameter sizes, so they
 must not manage ``values``:

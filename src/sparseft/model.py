@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -60,6 +61,26 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+WEIGHT_SAMPLES = 4096  # entries hashed per targeted matrix by weights_fingerprint
+
+
+def weights_fingerprint(model: nn.Module, target_names: list[str]) -> str:
+    """Hash of the targeted weights' values: per matrix, its name, its shape and
+    ``WEIGHT_SAMPLES`` entries at evenly spaced flat positions (all of a smaller one),
+    rounded to bfloat16 so that an fp32 and a bf16 copy of one checkpoint agree.
+    Cheap (a few thousand reads per matrix) and enough to tell other weights apart."""
+    h = hashlib.sha256()
+    for name in sorted(target_names):
+        module = model.get_submodule(name)
+        weight = module.base_layer.weight if isinstance(module, SparseDeltaLayer) else module.weight
+        flat = weight.detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, min(flat.numel(), WEIGHT_SAMPLES)).round().long()
+        sample = flat[positions.to(flat.device)].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name}:{tuple(weight.shape)};".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -74,6 +95,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would make the adapter private
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -121,6 +145,7 @@ class SparseModel(nn.Module):
         self.method = None
         self.active_adapter = DEFAULT_ADAPTER
         self._inactive: dict[str, dict[str, Any]] = {}  # name -> {"config", "tensors", "method", "heads"}
+        self.weights_fingerprint = weights_fingerprint(base_model, self.target_names)  # before any fold or merge
         # Show the base model's forward signature (transformers.Trainer inspects it to
         # decide which dataset columns to keep).
         forward = functools.partial(type(self).forward, self)
@@ -340,6 +365,7 @@ class SparseModel(nn.Module):
                 "name_or_path": getattr(base_cfg, "_name_or_path", None),
                 "num_labels": getattr(base_cfg, "num_labels", None),
                 "fingerprint": self.fingerprint,
+                "weights_fingerprint": self.weights_fingerprint,
             },
             "targets": {name: list(layer.weight.shape) for name, layer in self.sparse_layers().items()},
             "modules_to_save": self.modules_to_save,
@@ -388,15 +414,18 @@ class SparseModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False, force: bool = False) -> "SparseModel":
+                        is_trainable: bool = False, force: bool = False, strict: bool = False) -> "SparseModel":
         """Rebuild the sparse model saved at ``path`` on top of ``base_model``.
 
         As in peft, the result is in eval mode with frozen values and heads unless
         ``is_trainable``; then the method recorded with the adapter is restored (a
         dynamic schedule keeps moving its entries), and an adapter of a training-time
         method saved without that record is refused rather than trained as static.
-        Checks every index and shape; refuses an adapter made for other weights unless
-        ``force`` (then only shapes must fit).
+        Checks every index and shape. Refuses an adapter whose targeted module names and
+        shapes differ from ``base_model``'s unless ``force`` (then only the shapes of the
+        targets must fit). Where the names and shapes agree but the weights' values do not
+        (``weights_fingerprint``: another checkpoint of the same architecture), it warns,
+        or refuses when ``strict``.
         """
         meta, tensors = read_adapter(path)
         config = SparseConfig.from_dict(meta["sparse_config"])
@@ -410,6 +439,16 @@ class SparseModel(nn.Module):
                 f"adapter was made for a base model with fingerprint {recorded}, this one has {found}; "
                 "pass force=True (--force) to load it anyway"
             )
+        recorded_weights = meta["base_model"].get("weights_fingerprint")
+        if recorded_weights is not None and not force:
+            found_weights = weights_fingerprint(base_model, list(targets))
+            if found_weights != recorded_weights:
+                message = (f"adapter {path} was trained on other base weights than these (weights fingerprint "
+                           f"{recorded_weights}, this model has {found_weights}): same module names and shapes, "
+                           "other values, so its results will not carry over")
+                if strict:
+                    raise AdapterError(message + "; strict loading refuses it")
+                warnings.warn(message, stacklevel=2)
         method = restore_method(config, meta, is_trainable, path)
         for p in base_model.parameters():
             p.requires_grad_(False)

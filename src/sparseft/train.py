@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -19,6 +21,9 @@ from tqdm.auto import tqdm
 from .distributed import is_distributed, is_main_process, launched_distributed, wrap_ddp
 from .lr_rule import AUTO, resolve_lr
 from .optim import SparseAdamW
+
+
+_monotonic = time.monotonic  # the clock of --save-minutes (tests replace it)
 
 
 @dataclass
@@ -34,6 +39,7 @@ class TrainingArguments:
     max_grad_norm: float | None = 1.0
     eval_every: int = 0  # optimizer steps; 0 = only at the end
     save_every: int = 0  # optimizer steps between checkpoints; 0 = none
+    save_minutes: float = 0.0  # also checkpoint after this many minutes since the last one; 0 = off
     keep_checkpoints: int = 3
     skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradients are NaN/inf
     seed: int = 0
@@ -55,6 +61,54 @@ class TrainingArguments:
             raise ValueError("epochs must be positive")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.save_every < 0 or self.save_minutes < 0:
+            raise ValueError("save_every and save_minutes must not be negative")
+
+
+def planned_steps(args: TrainingArguments, num_batches: int) -> int:
+    """Optimizer steps a run of ``num_batches`` micro-batches per epoch will take."""
+    steps_per_epoch = math.ceil(num_batches / args.grad_accum)
+    return args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped ``train`` at the end of an optimizer step.
+
+    ``checkpoint`` is the checkpoint written then (None when ``train`` had no
+    ``checkpoint_dir``); ``resume_from=checkpoint`` continues bit for bit.
+    """
+
+    def __init__(self, step: int, total: int, checkpoint: str | None):
+        super().__init__(f"interrupted after step {step} of {total}")
+        self.step, self.total, self.checkpoint = step, total, checkpoint
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM only ask the loop to stop at the next step
+    boundary (a second signal stops at once). Main thread only: elsewhere Python
+    cannot install handlers, and nothing changes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopRequests":
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -287,20 +341,29 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     checkpoint_dir: str | None = None,
     resume_from: str | None = None,
+    checkpoint_tag: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` (a SparseModel, or any model whose batches return ``.loss``).
 
     ``eval_fn`` is called every ``args.eval_every`` optimizer steps (not after the last:
     the caller evaluates the final model) and its metrics are kept in ``TrainResult.history``.
-    With ``checkpoint_dir`` and ``args.save_every``, a checkpoint is written every that
-    many steps; ``resume_from`` (a checkpoint folder) continues a run exactly where that
-    checkpoint left it: same data order, RNG, optimizer, scheduler and method state.
+    With ``checkpoint_dir``, a checkpoint is written every ``args.save_every`` steps and
+    ``args.save_minutes`` minutes (either may be 0: off), and SIGINT/SIGTERM finish the
+    current step, write a checkpoint and raise ``TrainingInterrupted``. ``checkpoint_tag``
+    (JSON-able) is stored in every checkpoint's ``state.json`` under ``loop.tag``, so a
+    caller can tell whose checkpoint it is. ``resume_from`` (a checkpoint folder) continues
+    a run exactly where that checkpoint left it: same data order, RNG, optimizer,
+    scheduler and method state.
     """
+    with _StopRequests(enabled=checkpoint_dir is not None) as stop:
+        return _train(model, train_loader, args, eval_fn, optimizer, checkpoint_dir, resume_from, checkpoint_tag, stop)
+
+
+def _train(model, train_loader, args, eval_fn, optimizer, checkpoint_dir, resume_from, checkpoint_tag, stop) -> TrainResult:
     from . import checkpoint as ckpt
 
     torch.manual_seed(args.seed)
-    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
-    total = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
+    total = planned_steps(args, len(train_loader))
     if optimizer is None:
         optimizer = create_optimizer(model, args.lr, args.weight_decay, args.head_lr)
     start_lr = optimizer.param_groups[0]["lr"]
@@ -327,6 +390,15 @@ def train(
     bar = tqdm(total=total, initial=result.steps, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     started = time.perf_counter()
     step_loss, step_start, eval_seconds, last_checkpoint = 0.0, time.perf_counter(), 0.0, resume_from
+    last_save_time = _monotonic()
+
+    def save() -> str:
+        state = {**loop, "steps": result.steps, "tokens": result.tokens, "losses": result.losses,
+                 "step_times": result.step_times, "history": result.history,
+                 "skipped_steps": result.skipped_steps, "active_counts": controller.active_counts,
+                 "tag": checkpoint_tag}
+        return str(ckpt.save_checkpoint(
+            checkpoint_dir, result.steps, model, optimizer, scheduler, state, keep_last=args.keep_checkpoints))
     while result.steps < total:
         # The data order of an epoch is fixed by the generator state at its start; a
         # resumed run restores that state and skips the micro-batches already consumed.
@@ -377,16 +449,22 @@ def train(
             if eval_fn is not None and args.eval_every and result.steps % args.eval_every == 0 and result.steps < total:
                 eval_start = time.perf_counter()
                 result.history.append({"step": result.steps, **eval_fn()})
+                if args.progress:
+                    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.history[-1].items()
+                                       if k != "step" and isinstance(v, (int, float)))
+                    bar.write(f"step {result.steps}/{total}: validation {scores}")
                 model.train()
                 step_start = time.perf_counter()
                 eval_seconds += step_start - eval_start
-            if checkpoint_dir and args.save_every and result.steps % args.save_every == 0 and is_main_process():
-                state = {**loop, "steps": result.steps, "tokens": result.tokens, "losses": result.losses,
-                         "step_times": result.step_times, "history": result.history,
-                         "skipped_steps": result.skipped_steps, "active_counts": controller.active_counts}
-                last_checkpoint = str(ckpt.save_checkpoint(
-                    checkpoint_dir, result.steps, model, optimizer, scheduler, state, keep_last=args.keep_checkpoints))
+            due = (args.save_every and result.steps % args.save_every == 0) or (
+                args.save_minutes and _monotonic() - last_save_time >= 60 * args.save_minutes)
+            if checkpoint_dir and (due or stop.signum is not None) and is_main_process():
+                last_checkpoint = save()
+                last_save_time = _monotonic()
                 step_start = time.perf_counter()
+            if stop.signum is not None:
+                bar.close()
+                raise TrainingInterrupted(result.steps, total, last_checkpoint if checkpoint_dir else None)
             if result.steps >= total:
                 break
         if not consumed_any and loop["micro_in_epoch"] == 0:

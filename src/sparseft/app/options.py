@@ -6,42 +6,84 @@ lines into runs in this process without importing the command-line entry point.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from .. import registry
 from ..config import (DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, CalibrationOptions, ConfigError, DynamicOptions,
                       GrowDropOptions, ID3Options, SparseConfig)
 from ..train import TrainingArguments
-from .baselines import BaselineConfig
+from .baselines import BASELINE_METHODS, BaselineConfig
 from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
 from .spec import RunSpec, TaskOptions
 
-BASELINE_METHODS = ("lora", "full", "shira", "supertuning")  # == baselines.BASELINE_METHODS
-
-EPILOG = """examples:
+TRAIN_EXAMPLES = """examples:
   sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
-  sparseft eval --adapter runs/x/adapter --task rt-sentiment
-  sparseft export --adapter runs/x/adapter --merged runs/x/merged   # a plain transformers model
-  sparseft train --resume runs/x          # continue from the newest checkpoint
+  sparseft train --resume runs/x          # continue an interrupted run (Ctrl-C writes a checkpoint)
+  sparseft train --task bbc-topic --method gradient --match-lora-rank 4 --epochs 3 --out runs/grad
   sparseft train --method lora --lora-rank 8 --out runs/lora8
   sparseft train --model smollm2 --task rt-gen --method random --match-lora-rank 4 --out runs/gen
-  sparseft sweep grid.yaml && sparseft plot runs/grid/results.jsonl --out runs/grid/plots
+  sparseft train --train-file train.csv --eval-file test.csv --text-column review --label-column sentiment --out runs/mine
+"""
+
+EPILOG = TRAIN_EXAMPLES.replace("examples:\n", "examples:\n  sparseft eval --adapter runs/x/adapter\n"
+                                "  sparseft export --adapter runs/x/adapter --merged runs/x/merged   # a plain transformers model\n", 1) + \
+    "  sparseft sweep grid.yaml && sparseft plot runs/grid/results.jsonl --out runs/grid/plots\n"
+
+GRID_FORMAT = """grid file (YAML or JSON):
+  out: runs/rt-grid            # runs and results.jsonl go here (default: the grid's path without suffix)
+  base:                        # any `sparseft train` option by its long name, with _ for -
+    task: rt-sentiment
+    max_train_examples: 640
+    max_steps: 40
+  methods: [random, gradient, lora, full]
+  budgets:                     # each one of match_lora_rank, density, num_params
+    - match_lora_rank: 1
+    - density: 0.01
+  lrs: {random: [0.005, 0.02], lora: [0.003]}   # per method, or one list for all; omitted: the default
+  seeds: [0, 1, 2]
+  isolate: true                # each run in its own process (default)
+
+Runs are named <method>-<budget>[-lr<rate>]-s<seed>; each writes <out>/<run>/metrics.json and is
+appended to <out>/results.jsonl. Re-running the sweep skips finished runs. `full` takes no budget.
 """
 
 
-def _add_data_options(p: argparse.ArgumentParser, task_default: str | None) -> None:
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """One default per option, shown only where there is one; required options say so."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required:
+            text += " (required)"
+        if ("default" not in text and action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _task_help() -> str:
+    from .lmtasks import task_descriptions
+
+    return "built-in task: " + "; ".join(f"{name} ({what})" for name, what in task_descriptions().items())
+
+
+def _add_data_options(p: argparse.ArgumentParser, task_default: str | None, training: bool) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task", default=task_default,
-                   help="built-in task: rt-sentiment or bbc-topic (classifiers), bbc-lm or rt-gen (causal LMs, "
-                        "e.g. --model smollm2) (default: %(default)s)")
-    g.add_argument("--train-file", help="your own training data (CSV or JSONL); needs --eval-file")
-    g.add_argument("--eval-file", help="your own evaluation data (CSV or JSONL)")
-    g.add_argument("--text-column", default="text", help="column holding the text (default: %(default)s)")
-    g.add_argument("--label-column", default="label", help="column holding the label (default: %(default)s)")
-    g.add_argument("--max-train-examples", type=int, help="use a fixed, seeded subset of the training split")
+                   help=_task_help() if training else _task_help() + ". Default: the task recorded in the adapter")
+    g.add_argument("--train-file", help="your own training data (CSV, TSV or JSONL); needs --eval-file"
+                   if training else "your own training data: its labels fix the label order (with --eval-file)")
+    g.add_argument("--eval-file", help="your own evaluation data (CSV, TSV or JSONL)")
+    g.add_argument("--text-column", default="text", help="column holding the text")
+    g.add_argument("--label-column", default="label", help="column holding the label")
+    if training:
+        g.add_argument("--max-train-examples", type=int, help="use a fixed, seeded subset of the training split")
     g.add_argument("--max-eval-examples", type=int, help="cap the validation and test splits")
-    g.add_argument("--max-length", type=int, default=64, help="truncate inputs to this many tokens (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    g.add_argument("--max-length", type=int, default=64, help="truncate inputs to this many tokens")
+    if training:
+        g.add_argument("--batch-size", type=int, default=32, help="training batch size")
     g.add_argument("--prompt-column", help="your own generation data: column holding the prompt (causal LMs)")
     g.add_argument("--target-column", help="your own generation data: column holding the target answer")
     g.add_argument("--max-new-tokens", type=int, default=8, help="generation tasks: tokens to decode greedily")
@@ -52,17 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparseft", description="Sparse fine-tuning of transformer models: train a small subset of the model's own weights.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"sparseft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune sparsely and write metrics.json and the adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--out", help="run folder: gets metrics.json, adapter/ and checkpoints/ (required unless --resume)")
+                       description="Fine-tune a model sparsely (or with a baseline) and write the run folder.",
+                       epilog=TRAIN_EXAMPLES, formatter_class=HelpFormatter)
+    t.add_argument("--out", help="run folder: gets metrics.json, run_spec.json, adapter/ and checkpoints/ "
+                                 "(required, unless --resume)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (its metrics.json, run_spec.json, adapter/ and checkpoints/)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint, with its recorded settings")
     t.add_argument("--model", default="default",
                    help="'default' (the embedded all-MiniLM-L6-v2), 'smollm2' (SmolLM2-135M-Instruct, "
                         "converted once from its GGUF to a cache) or a local Hugging Face model folder")
-    _add_data_options(t, "rt-sentiment")
+    _add_data_options(t, "rt-sentiment", training=True)
     m = t.add_argument_group("sparse method")
     m.add_argument("--method", default="random", choices=[*registry.METHODS, *BASELINE_METHODS],
                    help="how entries are chosen. " + registry.methods_help() + ". Baselines: lora, full, shira, "
@@ -116,22 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps with linear warmup")
     o.add_argument("--eval-every", type=int, default=0, help="evaluate on the validation split every N steps (0: at the end)")
     o.add_argument("--seed", type=int, default=0, help="seeds the mask, the data order and the head")
-    o.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: none)")
+    o.add_argument("--save-every", type=int, default=0, help="also write a resumable checkpoint every N steps (0: off)")
+    o.add_argument("--save-minutes", type=float, default=10.0,
+                   help="write a resumable checkpoint when this many minutes have passed since the last one (0: off); "
+                        "Ctrl-C (SIGINT) and SIGTERM always write one before stopping")
     o.add_argument("--keep-checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
     o.add_argument("--skip-nonfinite", action="store_true",
                    help="skip and count steps whose loss or gradients are NaN/inf, instead of stopping")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N, or auto (cuda when available)")
+    o.add_argument("--device", default="auto", help="where to train: cpu, cuda, cuda:N, or auto (CUDA when present, else the CPU)")
 
-    e = sub.add_parser("eval", help="re-score a saved adapter", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--adapter", required=True, help="an adapter folder written by 'sparseft train'")
+    e = sub.add_parser("eval", help="re-score a saved adapter",
+                       description="Re-score an adapter that 'sparseft train' wrote (sparse or baseline) on its task, "
+                                   "or on the task or files given.",
+                       epilog="examples:\n  sparseft eval --adapter runs/x/adapter\n"
+                              "  sparseft eval --adapter runs/x --task bbc-topic --max-eval-examples 200\n",
+                       formatter_class=HelpFormatter)
+    e.add_argument("--adapter", required=True, help="an adapter folder written by 'sparseft train', or its run folder")
     e.add_argument("--model", help="base model folder (default: the one recorded in the adapter)")
     e.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
-    _add_data_options(e, None)
+    e.add_argument("--strict", action="store_true",
+                   help="refuse an adapter trained on other base weights (by default: a warning)")
+    _add_data_options(e, None, training=False)
     e.add_argument("--seed", type=int, help="data split seed (default: the one recorded in the adapter)")
 
     x = sub.add_parser("export", help="write an adapter as a plain transformers model or a peft adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     x.add_argument("--adapter", required=True, help="an adapter folder written by 'sparseft train'")
     x.add_argument("--merged", help="folder for the base model with the deltas merged in (AutoModel loads it)")
     x.add_argument("--peft", help="folder for a peft Super-Tuning adapter (peft.PeftModel loads it; nn.Linear targets only)")
@@ -139,12 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="load even if the adapter was made for another base model")
 
     sw = sub.add_parser("sweep", help="run a grid of methods x budgets x learning rates x seeds (resumes)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sw.add_argument("grid", help="grid file (YAML or JSON): out, base, methods, budgets, lrs, seeds (see sweep.py)")
+                        description="Run every combination of a grid file's methods, budgets, learning rates and "
+                                    "seeds, one 'sparseft train' each.",
+                        epilog=GRID_FORMAT, formatter_class=HelpFormatter)
+    sw.add_argument("grid", help="grid file (YAML or JSON), format below")
     sw.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
 
     pl = sub.add_parser("plot", help="score vs trainable parameters and cost bars (PNG) from a results.jsonl",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     pl.add_argument("results", help="results.jsonl written by 'sparseft sweep'")
     pl.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     pl.add_argument("--grid", help="only the runs of this grid file (e.g. leave out a learning-rate sweep)")
@@ -155,8 +214,8 @@ def task_options(ns: argparse.Namespace) -> TaskOptions:
     return TaskOptions(
         task=ns.task or "rt-sentiment", train_file=ns.train_file, eval_file=ns.eval_file,
         text_column=ns.text_column, label_column=ns.label_column,
-        max_train_examples=ns.max_train_examples, max_eval_examples=ns.max_eval_examples,
-        max_length=ns.max_length, batch_size=ns.batch_size,
+        max_train_examples=getattr(ns, "max_train_examples", None), max_eval_examples=ns.max_eval_examples,
+        max_length=ns.max_length, batch_size=getattr(ns, "batch_size", 32),
         prompt_column=ns.prompt_column, target_column=ns.target_column, max_new_tokens=ns.max_new_tokens,
         calib_batch_size=getattr(ns, "calib_batch_size", None),
     )
@@ -195,7 +254,8 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,
         epochs=ns.epochs, max_steps=ns.max_steps, grad_accum=ns.grad_accum, warmup_ratio=ns.warmup_ratio,
         eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress,
-        save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, skip_nonfinite=ns.skip_nonfinite,
+        save_every=ns.save_every, save_minutes=ns.save_minutes, keep_checkpoints=ns.keep_checkpoints,
+        skip_nonfinite=ns.skip_nonfinite,
     )
     return RunSpec(out=ns.out, model=ns.model, data=task_options(ns), sparse=sparse, training=training,
                    baseline=baseline, device=ns.device)
@@ -205,8 +265,10 @@ def train_from_args(ns: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Run a parsed ``train`` command line (a new run, or ``--resume RUN_DIR``); returns
     the run's metrics and its folder."""
     if ns.resume:
+        if ns.out and Path(ns.out) != Path(ns.resume):
+            raise ValueError("--resume RUN_DIR continues that run in its own folder; leave out --out")
         return resume_training(ns.resume), ns.resume
-    return run_training(spec_from_args(ns)), ns.out
+    return run_training(spec_from_args(ns), overwrite=ns.overwrite), ns.out
 
 
 def train_from_argv(argv: list[str]) -> tuple[dict[str, Any], str]:

@@ -11,7 +11,10 @@ from torch.utils.data import DataLoader
 
 from .lmtasks import (evaluate_generation, evaluate_perplexity, generation_task_from_files, get_lm_task, is_lm_task,
                       make_lm_loader, majority_target_rate)
-from .pretrained import load_causal_lm, load_classifier
+from .data import DataError
+from .guard_rails import with_progress
+from .lmtasks import task_descriptions
+from .pretrained import DEFAULT_MODEL, load_causal_lm, load_classifier
 from .spec import RunSpec, TaskOptions
 from .tasks import TaskData, evaluate_classifier, get_task, majority_rate, make_loader, task_from_files
 
@@ -40,6 +43,9 @@ def load_task(opts: TaskOptions, seed: int) -> TaskData:
         if not (opts.train_file and opts.eval_file):
             raise ValueError("--train-file and --eval-file go together")
         return task_from_files(opts.train_file, opts.eval_file, opts.text_column, opts.label_column)
+    if opts.task not in task_descriptions():
+        raise DataError(f"unknown task {opts.task!r}; built-in tasks: {', '.join(task_descriptions())}; "
+                        "or give your own data with --train-file/--eval-file")
     return get_task(opts.task, seed=seed, max_train_examples=opts.max_train_examples,
                     max_eval_examples=opts.max_eval_examples)
 
@@ -57,8 +63,9 @@ def _prepare_classification(spec: RunSpec) -> Setup:
     loader = make_loader(task.train, tokenizer, opts.batch_size, opts.max_length, shuffle=True, seed=seed)
 
     def evaluate(model, split):
-        return evaluate_classifier(model, make_loader(getattr(task, split), tokenizer, opts.eval_batch_size,
-                                                      opts.max_length))
+        return evaluate_classifier(model, with_progress(
+            make_loader(getattr(task, split), tokenizer, opts.eval_batch_size, opts.max_length), f"eval {split}",
+            spec.training.progress))
 
     return Setup(task.name, task.metric, True, base, tokenizer, list(new_heads), loader, evaluate,
                  majority_rate(task.test), {"label_names": task.label_names})
@@ -66,6 +73,10 @@ def _prepare_classification(spec: RunSpec) -> Setup:
 
 def _prepare_causal(spec: RunSpec) -> Setup:
     opts, seed = spec.data, spec.training.seed
+    if spec.model == DEFAULT_MODEL:
+        what = "generation data (--prompt-column)" if opts.prompt_column else f"--task {opts.task}"
+        raise ValueError(f"{what} needs a causal LM and the default model is an encoder (MiniLM): "
+                         "try --model smollm2, or a local causal-LM folder")
     if opts.train_file or opts.eval_file:
         if not (opts.train_file and opts.eval_file):
             raise ValueError("--train-file and --eval-file go together")
@@ -74,12 +85,17 @@ def _prepare_causal(spec: RunSpec) -> Setup:
     else:
         task = get_lm_task(opts.task, seed, opts.max_train_examples, opts.max_eval_examples)
     base, tokenizer = load_causal_lm(spec.model)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{task.name} needs a causal LM whose tokenizer has an end-of-sequence token; "
+                         f"--model {spec.model} has none: try --model smollm2")
     loader = make_lm_loader(task.train, tokenizer, opts.batch_size, opts.max_length, shuffle=True, seed=seed)
 
     def evaluate(model, split):
         pairs = getattr(task, split)
         if task.kind == "lm":
-            return evaluate_perplexity(model, make_lm_loader(pairs, tokenizer, opts.eval_batch_size, opts.max_length))
+            return evaluate_perplexity(model, with_progress(make_lm_loader(pairs, tokenizer, opts.eval_batch_size,
+                                                                           opts.max_length), f"eval {split}",
+                                                            spec.training.progress))
         return evaluate_generation(model, pairs, tokenizer, batch_size=opts.eval_batch_size,
                                    max_length=opts.max_length, max_new_tokens=opts.max_new_tokens)
 

@@ -22,7 +22,8 @@ from .. import native, registry
 from ..checkpoint import latest_checkpoint
 from ..lr_rule import AUTO
 from ..model import SparseModel, get_sparse_model, read_adapter
-from ..train import PeakMemory, TrainingArguments, peak_rss_mb, train
+from ..train import PeakMemory, TrainingArguments, peak_rss_mb, planned_steps, train
+from . import guard_rails, run_folder
 from .baselines import DEFAULT_LR as BASELINE_LR
 from .baselines import get_baseline_model, load_baseline
 from .prepare import Setup, calibration_batches, prepare
@@ -33,9 +34,9 @@ __all__ = ["RunSpec", "TaskOptions", "run_training", "resume_training", "evaluat
 
 DEFAULT_HEAD_LR = 2e-3
 
-SPEC_NAME = "run_spec.json"
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
+SPEC_NAME = run_folder.SPEC_NAME
+CHECKPOINTS = run_folder.CHECKPOINTS
+ADAPTER = run_folder.ADAPTER
 # A baseline's adapter is peft's folder; this file beside it says how to rebuild its run.
 BASELINE_RECORD = "sparseft_run.json"
 
@@ -55,15 +56,12 @@ def gpu_peak_mb(device: torch.device) -> float | None:
 
 
 def resume_training(run_dir: str) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its newest complete checkpoint."""
-    spec_path = Path(run_dir) / SPEC_NAME
-    if not spec_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no {SPEC_NAME}: not a sparseft run folder")
-    spec = spec_from_dict(json.loads(spec_path.read_text()))
+    """Continue the run in ``run_dir`` from its newest complete checkpoint, after checking
+    that the checkpoint was written under the run's recorded settings."""
+    recorded = run_folder.read_spec(run_dir)
+    found, _ = run_folder.resumable_checkpoint(run_dir, recorded)
+    spec = spec_from_dict(recorded)
     spec.out = str(run_dir)
-    found = latest_checkpoint(Path(run_dir) / CHECKPOINTS)
-    if found is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from (train with --save-every N)")
     return run_training(spec, resume_from=str(found))
 
 
@@ -87,16 +85,19 @@ def _build_model(spec: RunSpec, setup: Setup):
     if uses_calibration(spec):
         calibration = calibration_batches(setup.train_loader, spec.sparse.calibration.examples,
                                           spec.data.calib_batch_size or spec.data.batch_size, spec.training.seed)
+        guard_rails.announce_calibration(spec.sparse.method, sum(len(b["input_ids"]) for b in calibration),
+                                         len(calibration))
     model = get_sparse_model(setup.base, spec.sparse, calibration_data=calibration)
     return model, None, spec.sparse.to_dict()
 
 
-def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any]:
-    """Train one run and write ``<out>/metrics.json`` and ``<out>/adapter/``; with
-    ``spec.training.save_every``, checkpoints under ``<out>/checkpoints/`` that
-    ``resume_from`` (one of them) continues from."""
-    out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
+def run_training(spec: RunSpec, resume_from: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train one run and write ``<out>/metrics.json`` and ``<out>/adapter/``, with
+    checkpoints under ``<out>/checkpoints/`` (every ``save_every`` steps and
+    ``save_minutes`` minutes, and on SIGINT/SIGTERM) that ``resume_from`` (one of them)
+    continues from. A new run refuses a folder that holds another run unless ``overwrite``."""
+    out = run_folder.claim(spec.out, overwrite) if resume_from is None else Path(spec.out)
+    tag = run_folder.checkpoint_tag(spec_to_dict(spec))  # before modules_to_save is filled in
     if resume_from is None:
         write_json(out / SPEC_NAME, spec_to_dict(spec))
     seed = spec.training.seed
@@ -111,9 +112,16 @@ def run_training(spec: RunSpec, resume_from: str | None = None) -> dict[str, Any
     select_seconds = time.perf_counter() - select_start
     select_gpu_mb = gpu_peak_mb(device)
     reset_gpu_peak(device)
+    total = planned_steps(spec.training, len(setup.train_loader))
+    if resume_from is None:
+        labels = setup.record.get("label_names") and [e.label for e in setup.train_loader.dataset]
+        guard_rails.warn(guard_rails.short_run_warnings(total, spec.training, labels or None,
+                                                        setup.record.get("label_names")))
+    else:
+        print(f"resuming {out} at step {run_folder.checkpoint_step(resume_from)} of {total} from {resume_from}", flush=True)
     result = train(model, setup.train_loader, spec.training, optimizer=optimizer,
                    eval_fn=lambda: _without_examples(setup.evaluate(model, "validation")),
-                   checkpoint_dir=str(out / CHECKPOINTS), resume_from=resume_from)
+                   checkpoint_dir=str(out / CHECKPOINTS), resume_from=resume_from, checkpoint_tag=tag)
     scores = {split: setup.evaluate(model, split) for split in ("validation", "test")}
     adapter_bytes = _save_adapter(model, spec, setup, out / ADAPTER)
     summary = model.trainable_summary()
@@ -214,8 +222,14 @@ def adapter_record(adapter: str | os.PathLike) -> dict[str, Any]:
 
 
 def evaluate_adapter(adapter: str, opts: TaskOptions | None = None, model: str | None = None,
-                     force: bool = False, seed: int | None = None) -> dict[str, Any]:
-    """Re-score a saved adapter (sparse or baseline) on its task (or the one given)."""
+                     force: bool = False, seed: int | None = None, strict: bool = False) -> dict[str, Any]:
+    """Re-score a saved adapter (sparse or baseline) on its task (or the one given);
+    ``adapter`` may also be the run folder that holds it."""
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").exists() and (folder / run_folder.METRICS_NAME).is_file():
+        if json.loads((folder / run_folder.METRICS_NAME).read_text()).get("method") == "full":
+            raise ValueError(f"{folder} is a full fine-tuning run: it saves no adapter to evaluate")
+        adapter = str(folder / ADAPTER)
     record = adapter_record(adapter)
     if opts is None:
         opts = TaskOptions(**record["data"]) if record.get("data") else TaskOptions()
@@ -227,13 +241,10 @@ def evaluate_adapter(adapter: str, opts: TaskOptions | None = None, model: str |
     if "baseline" in record:
         tuned = load_baseline(setup.base, adapter)
     else:
-        tuned = SparseModel.from_pretrained(setup.base, adapter, force=force)
+        tuned = SparseModel.from_pretrained(setup.base, adapter, force=force, strict=strict)
     scores = {split: setup.evaluate(tuned, split) for split in ("validation", "test")}
     return {"adapter": str(adapter), "task": setup.task_name, "metric": setup.metric,
             "score": scores["test"][setup.metric], **scores}
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
+write_json = run_folder.write_json

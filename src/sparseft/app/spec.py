@@ -43,7 +43,7 @@ class RunSpec:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
     baseline: BaselineConfig | None = None  # train LoRA/full/SHiRA/Super-Tuning instead of a sparse method
-    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when available)
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when available)
 
     @property
     def method(self) -> str:

@@ -164,8 +164,10 @@ def run_sweep(grid_path: str | Path, dry_run: bool = False, log=print) -> Path:
             log(f"[{i}/{len(runs)}] would run: sparseft {' '.join(run.argv)}")
             continue
         else:
-            argv = _resume_argv(out / run.name) or run.argv
-            log(f"[{i}/{len(runs)}] {run.name}" + (" (resuming from its newest checkpoint)" if argv is not run.argv else ""))
+            resume = _resume_argv(out / run.name)
+            # Otherwise whatever the folder holds is an unfinished attempt at this very run: start it afresh.
+            argv = resume or [*run.argv, "--overwrite"]
+            log(f"[{i}/{len(runs)}] {run.name}" + (" (resuming from its newest checkpoint)" if resume else ""))
             code = _execute(argv, isolate, out / run.name, log)
             if code != 0 or not metrics_path.is_file():
                 failures.append(run.name)

@@ -5,7 +5,7 @@ is one silo); right after the step each silo is projected back onto "at most k_s
 differ from pretrained": the k_s entries with the largest |theta' - theta0| keep their
 values, every other entry is reset to its pretrained value exactly.
 
-Working form (memory-honest, as DESIGN.md asks): during training every silo carries a
+Working form (memory-honest, as docs/methods.md says): during training every silo carries a
 *full* index (all of its entries), so ``values`` is a dense delta theta' - theta0 and the
 optimizer holds dense state for it. The full-index path computes the values' gradient as
 one dense matmul (no SDDMM). Extra memory per tuned weight entry, fp32: values 4 B +
