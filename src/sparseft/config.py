@@ -27,6 +27,17 @@ MAGNITUDE_ORDERS = ("largest", "smallest")
 BACKENDS = ("auto", "native", "sampled_addmm", "gather", "dense")
 # "entry": any entries; "tile16"/"tile32": whole aligned 16x16 / 32x32 tiles (sparseft/tiles.py).
 GRANULARITIES = ("entry", "tile16", "tile32")
+# A quantized frozen base (sparseft.quant): 4-bit NF4 or 8-bit int8, via bitsandbytes.
+QUANTIZE_FORMATS = ("nf4", "int8")
+# Methods that need the base weights in full precision (DST trains every entry of a silo densely).
+DENSE_BASE_METHODS = ("dst",)
+
+
+def dense_base_refusal(method: str) -> str:
+    return (f"method={method!r} cannot train on a quantized base: it updates every entry of each targeted "
+            "matrix (dense values, gradients and optimizer state as large as the float weights), so a "
+            "4-bit/8-bit base saves nothing and its projection to pretrained values needs the float weights; "
+            "use another method with quantize, or a float base with dst")
 # The budget when none is given: this fraction of the targeted weights (select.resolve_budget).
 DEFAULT_DENSITY = 0.01
 # What a saved config holds in place of a callable (target_modules, calibration.loss_fn):
@@ -193,6 +204,8 @@ class SparseConfig:
     dynamic: DynamicOptions = _help("the dynamic schedule", default_factory=DynamicOptions)
     id3: ID3Options = _help("ID3 and the d3 score", default_factory=ID3Options)
     grow_drop: GrowDropOptions = _help("grow-drop swaps", default_factory=GrowDropOptions)
+    quantize: str | None = _help("keep the targeted layers' frozen weights quantized: 'nf4' or 'int8' "
+                                 "(bitsandbytes; docs/quantized.md); None keeps them as loaded", default=None)
 
     def __post_init__(self) -> None:
         for name, kind in OPTION_TYPES.items():
@@ -252,6 +265,12 @@ class SparseConfig:
             if self.dynamic.score_window > self.dynamic.update_every:
                 raise ConfigError(f"dynamic.score_window ({self.dynamic.score_window}) must not exceed "
                                   f"dynamic.update_every ({self.dynamic.update_every})")
+
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE_FORMATS:
+                raise ConfigError(f"quantize={self.quantize!r}; choose one of {', '.join(QUANTIZE_FORMATS)} (or None)")
+            if self.method in DENSE_BASE_METHODS:
+                raise ConfigError(dense_base_refusal(self.method))
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .config import CALLABLE, ConfigError
 from .delta import SparseDeltaLayer, is_conv1d
+from .quant import is_quantized
 
 # Heads that task-specific model classes add on top of a pretrained body. They are
 # usually missing from the checkpoint, so they are trained densely (peft does the same).
@@ -88,12 +89,21 @@ def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def make_delta_layer(module: nn.Module, backend: str = "auto") -> SparseDeltaLayer:
+    """A sparse delta around ``module``: the quantized-base layer for a bitsandbytes layer."""
+    if is_quantized(module):
+        from .delta.quantized import QuantizedSparseDeltaLayer
+
+        return QuantizedSparseDeltaLayer(module, backend=backend)
+    return SparseDeltaLayer(module, backend=backend)
+
+
 def wrap_modules(model: nn.Module, names: Iterable[str], backend: str = "auto") -> dict[str, SparseDeltaLayer]:
     """Replace each named module by a ``SparseDeltaLayer`` around it (empty index)."""
     wrapped = {}
     for name in names:
         parent, child = _parent_and_child(model, name)
-        layer = SparseDeltaLayer(getattr(parent, child), backend=backend)
+        layer = make_delta_layer(getattr(parent, child), backend=backend)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -19,9 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .config import ConfigError, SparseConfig
-from .delta import SparseDeltaLayer, linear_shape, validate_indices
+from .config import DENSE_BASE_METHODS, ConfigError, SparseConfig, dense_base_refusal
+from .delta import SparseDeltaLayer, linear_shape, validate_indices, weight_shape
 from .inject import _parent_and_child, default_modules_to_save, find_target_modules, unwrap_modules, wrap_modules
+from .quant import is_quantized, quantize_modules
 
 # sparseft's own file names: a folder holding them is neither a PEFT adapter
 # (adapter_config.json) nor a transformers model (config.json), so neither library mistakes
@@ -56,8 +57,8 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> str:
     h = hashlib.sha256()
     for name in sorted(target_names):
         module = model.get_submodule(name)
-        weight = module.base_layer.weight if isinstance(module, SparseDeltaLayer) else module.weight
-        h.update(f"{name}:{tuple(weight.shape)};".encode())
+        shape = module.weight_shape if isinstance(module, SparseDeltaLayer) else weight_shape(module)
+        h.update(f"{name}:{tuple(shape)};".encode())
     return h.hexdigest()[:16]
 
 
@@ -224,7 +225,7 @@ class SparseModel(nn.Module):
             optimizer = optimizer.optimizer
         for name, new_idx in index_sets.items():
             layer = layers[name]
-            new_idx = validate_indices(new_idx, layer.weight.numel()).to(layer.indices.device)
+            new_idx = validate_indices(new_idx, layer.weight_numel).to(layer.indices.device)
             old_idx = layer.indices
             kept, old_pos = _sorted_membership(old_idx, new_idx)
             new_pos = torch.nonzero(kept).flatten()
@@ -258,7 +259,7 @@ class SparseModel(nn.Module):
         return sum(p.numel() for p in self.dense_trainable_parameters())
 
     def num_targeted_weights(self) -> int:
-        return sum(layer.weight.numel() for layer in self.sparse_layers().values())
+        return sum(layer.weight_numel for layer in self.sparse_layers().values())
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), counted as peft counts them: every
@@ -268,6 +269,10 @@ class SparseModel(nn.Module):
 
     def trainable_summary(self) -> dict[str, Any]:
         total = sum(p.numel() for p in self.model.parameters())
+        for layer in self.sparse_layers().values():  # a quantized weight counts its float entries, not its bytes
+            packed = getattr(layer, "quantized_base", None)
+            if packed is not None and not layer.merged:
+                total += layer.weight_numel - packed.weight.numel()
         sparse = self.num_sparse_params()
         dense = self.num_head_params()
         return {
@@ -298,8 +303,19 @@ class SparseModel(nn.Module):
         for layer in self.sparse_layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Write the deltas into the base weights and return the plain base model."""
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Write the deltas into the base weights and return the plain base model.
+
+        A quantized base layer becomes a plain float ``nn.Linear`` holding dequant(Wq) + S:
+        exact, in full precision. ``requantize=True`` instead quantizes that merged weight
+        back to the layer's format (the quantized model's memory, but rounding moves the
+        weights): the error is measured per layer, kept in ``self.merge_report`` and warned
+        about.
+        """
+        if requantize:
+            from .delta.quantized import requantize_deltas
+
+            self.merge_report = requantize_deltas(self.model)
         model = unwrap_modules(self.model, merge=True)
         self.target_names = []
         return model
@@ -367,7 +383,7 @@ class SparseModel(nn.Module):
                 "fingerprint": self.fingerprint,
                 "weights_fingerprint": self.weights_fingerprint,
             },
-            "targets": {name: list(layer.weight.shape) for name, layer in self.sparse_layers().items()},
+            "targets": {name: list(layer.weight_shape) for name, layer in self.sparse_layers().items()},
             "modules_to_save": self.modules_to_save,
             "method": method_record(self.method),
         }
@@ -450,6 +466,7 @@ class SparseModel(nn.Module):
                     raise AdapterError(message + "; strict loading refuses it")
                 warnings.warn(message, stacklevel=2)
         method = restore_method(config, meta, is_trainable, path)
+        prepare_quantized_base(base_model, list(targets), config)
         for p in base_model.parameters():
             p.requires_grad_(False)
         wrap_modules(base_model, list(targets), backend=config.backend)
@@ -710,9 +727,8 @@ def _check_fits(model: nn.Module, targets: dict, heads: list[str]) -> None:
             module = model.get_submodule(name)
         except AttributeError:
             raise AdapterError(f"the base model has no module {name!r} that the adapter targets") from None
-        weight = getattr(module, "weight", None)
-        if weight is None or list(weight.shape) != list(shape):
-            found = None if weight is None else list(weight.shape)
+        found = None if getattr(module, "weight", None) is None else list(weight_shape(module))
+        if found != list(shape):
             raise AdapterError(f"module {name!r}: adapter expects a weight of shape {shape}, base model has {found}")
     for head in heads:
         try:
@@ -739,6 +755,15 @@ def _load_tensors(model: SparseModel, tensors: dict[str, torch.Tensor]) -> None:
             p.requires_grad_(True)
 
 
+def prepare_quantized_base(base_model: nn.Module, targets: list[str], config: SparseConfig) -> None:
+    """Quantize the targeted layers when ``config.quantize`` asks (layers quantized already
+    in that format are kept); refuse methods that need a float base on a quantized one."""
+    if config.quantize is not None:
+        quantize_modules(base_model, targets, config.quantize)
+    if config.method in DENSE_BASE_METHODS and any(is_quantized(base_model.get_submodule(n)) for n in targets):
+        raise ConfigError(dense_base_refusal(config.method))
+
+
 def get_sparse_model(base_model: nn.Module, config: SparseConfig, calibration_data: Any = None) -> SparseModel:
     """Wrap the targeted layers of ``base_model`` and choose their index sets.
 
@@ -750,6 +775,7 @@ def get_sparse_model(base_model: nn.Module, config: SparseConfig, calibration_da
         raise ConfigError("the model already carries sparse deltas")
     heads = config.modules_to_save or default_modules_to_save(base_model)
     targets = find_target_modules(base_model, config.target_modules, config.exclude_modules, heads)
+    prepare_quantized_base(base_model, targets, config)
     for p in base_model.parameters():
         p.requires_grad_(False)
     wrap_modules(base_model, targets, backend=config.backend)

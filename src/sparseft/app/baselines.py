@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError
+from ..config import QUANTIZE_FORMATS, ConfigError
 from ..delta import linear_shape
 from ..inject import find_target_modules, output_head_names
 
@@ -43,6 +43,9 @@ class BaselineConfig:
     target_modules: str | list[str] = "all-linear"
     modules_to_save: tuple[str, ...] | list[str] = ()
     seed: int = 0
+    # Quantize the targeted layers' frozen weights first ("nf4" or "int8", bitsandbytes):
+    # LoRA on an NF4 base is QLoRA. Only LoRA takes a quantized base here.
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in BASELINE_METHODS:
@@ -56,6 +59,13 @@ class BaselineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE_FORMATS:
+                raise ConfigError(f"quantize={self.quantize!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
+            if self.method != "lora":
+                raise ConfigError(f"quantize with a baseline is for lora (QLoRA on a quantized base), not "
+                                  f"{self.method}" + (": full fine-tuning trains the float weights themselves"
+                                                      if self.method == "full" else ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,6 +168,11 @@ def get_baseline_model(base: nn.Module, cfg: BaselineConfig) -> BaselineModel:
     targeted = sum(o * i for o, i in shapes.values())
     heads = list(cfg.modules_to_save)
     info: dict[str, Any] = {"targeted_weights": targeted, "num_targets": len(names)}
+    if cfg.quantize is not None:
+        from ..quant import quantize_modules
+
+        quantize_modules(base, names, cfg.quantize)
+        info["quantize"] = cfg.quantize
     torch.manual_seed(cfg.seed)
     if cfg.method == "full":
         for p in base.parameters():  # nothing is frozen: embeddings and any LM output head train too

@@ -11,7 +11,8 @@ from typing import Any
 
 from .. import __version__
 from .. import registry
-from ..config import (DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, CalibrationOptions, ConfigError, DynamicOptions,
+from ..config import (DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, QUANTIZE_FORMATS, CalibrationOptions, ConfigError,
+                      DynamicOptions,
                       GrowDropOptions, ID3Options, SparseConfig)
 from ..train import TrainingArguments
 from .baselines import BASELINE_METHODS, BaselineConfig
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "update (the other steps run the sparse path only)")
     m.add_argument("--drop-policy", default="merge", choices=list(DROP_POLICIES),
                    help="dynamic: fold dropped entries into the base weight (merge, recorded in the adapter) or discard them")
+    m.add_argument("--quantize", choices=list(QUANTIZE_FORMATS),
+                   help="keep the targeted layers' frozen weights quantized (bitsandbytes): nf4 (4-bit) or int8; the "
+                        "trained values stay in float. With --method lora this is QLoRA. Not with dst or full")
     m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
     m.add_argument("--unmask-every", type=int, default=1,
                    help="id3: unmask every K optimizer steps (same total budget; fewer dense-gradient steps)")
@@ -236,7 +240,7 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
     if ns.method in BASELINE_METHODS:
         baseline = BaselineConfig(method=ns.method, lora_rank=ns.lora_rank, density=density, num_params=num_params,
                                   match_lora_rank=match_lora_rank, target_modules=_targets(ns.target_modules),
-                                  seed=ns.seed)
+                                  seed=ns.seed, quantize=ns.quantize)
         density = num_params = match_lora_rank = None
     elif ns.lora_rank is not None:
         raise ConfigError("--lora-rank is for --method lora or shira; sparse methods take --match-lora-rank")
@@ -249,6 +253,7 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
         dynamic=DynamicOptions(update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy),
         id3=ID3Options(unmask_every=ns.unmask_every, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent),
         grow_drop=GrowDropOptions(every=ns.grow_drop_every, fraction=ns.grow_drop_fraction, score_window=ns.score_window),
+        quantize=None if baseline else ns.quantize,
     )
     training = TrainingArguments(
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,

@@ -16,7 +16,7 @@ Tuning knobs (``backends.SDDMM_TOKEN_BLOCK`` ...) are read from their own module
 from .backends import gather_is_cheaper, sddmm
 from .function import SparseDeltaFunction, delta_linear_backward, sparse_delta_linear
 from .layer import SparseDeltaLayer
-from .layout import IndexLayout, is_conv1d, linear_shape, validate_indices, weight_is_transposed
+from .layout import IndexLayout, is_conv1d, linear_shape, validate_indices, weight_is_transposed, weight_shape
 from .scratch import release_scratch
 from .weight import INPLACE_MAX_DENSITY, WEIGHT_MODES, effective_weight, resolve_weight_mode, with_effective_weight
 
@@ -24,5 +24,5 @@ __all__ = [
     "INPLACE_MAX_DENSITY", "IndexLayout", "SparseDeltaFunction", "SparseDeltaLayer", "WEIGHT_MODES",
     "delta_linear_backward", "effective_weight", "gather_is_cheaper", "is_conv1d", "linear_shape",
     "release_scratch", "resolve_weight_mode", "sddmm", "sparse_delta_linear", "validate_indices",
-    "weight_is_transposed", "with_effective_weight",
+    "weight_is_transposed", "weight_shape", "with_effective_weight",
 ]

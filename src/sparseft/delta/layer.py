@@ -23,21 +23,21 @@ class SparseDeltaLayer(nn.Module):
         self.transposed = weight_is_transposed(base_layer)
         self.backend = backend
         self.weight_mode = weight_mode
-        weight = base_layer.weight
-        weight.requires_grad_(False)
+        base_layer.weight.requires_grad_(False)
+        dtype, device = self.weight_dtype, self.weight_device
         if indices is None:
             indices = torch.zeros(0, dtype=torch.int32)
-        self.register_buffer("indices", torch.zeros(0, dtype=torch.int32, device=weight.device))
-        self.values = nn.Parameter(torch.zeros(0, dtype=weight.dtype, device=weight.device))
+        self.register_buffer("indices", torch.zeros(0, dtype=torch.int32, device=device))
+        self.values = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
         self._layout: IndexLayout | None = None
         self._merged_original: torch.Tensor | None = None
         # Entries dropped by a dynamic schedule with drop_policy="merge": their values are
         # folded into the base weight as W[i] = W0[i] + folded_values[i], always computed
         # from the pristine W0[i] (kept in ``_folded_base``), so that replaying the record
         # on a fresh base model (adapter load) gives the same weight bit for bit.
-        self.register_buffer("folded_indices", torch.zeros(0, dtype=torch.int32, device=weight.device), persistent=False)
-        self.register_buffer("folded_values", torch.zeros(0, dtype=weight.dtype, device=weight.device), persistent=False)
-        self.register_buffer("_folded_base", torch.zeros(0, dtype=weight.dtype, device=weight.device), persistent=False)
+        self.register_buffer("folded_indices", torch.zeros(0, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("folded_values", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("_folded_base", torch.zeros(0, dtype=dtype, device=device), persistent=False)
         # Set by a scorer to receive the dense weight gradient on the next backward.
         self.grad_observer: Callable[[torch.Tensor], None] | None = None
         # An empty trainable parameter kept in the graph, for DDP when nothing dense is
@@ -49,6 +49,23 @@ class SparseDeltaLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    # The weight's geometry without reading the weight (a quantized base would dequantize it).
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def weight_device(self) -> torch.device:
+        return self.weight.device
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -66,11 +83,11 @@ class SparseDeltaLayer(nn.Module):
         """
         if self._merged_original is not None:
             raise RuntimeError("unmerge the delta before changing its index set")
-        indices = validate_indices(indices, self.weight.numel())
-        device = self.weight.device
+        indices = validate_indices(indices, self.weight_numel)
+        device = self.weight_device
         indices = indices.to(device)
         if values is None:
-            values = torch.zeros(indices.numel(), dtype=self.weight.dtype, device=device)
+            values = torch.zeros(indices.numel(), dtype=self.weight_dtype, device=device)
         elif values.shape != indices.shape:
             raise ValueError(f"values has {values.numel()} entries for {indices.numel()} indices")
         self.indices = indices
@@ -81,7 +98,7 @@ class SparseDeltaLayer(nn.Module):
             self.values.set_(values.detach().to(device=device, dtype=self.values.dtype).clone())
         self.values.grad = None
         # Built now, not on first use: a compiled forward then only reads it.
-        self._layout = IndexLayout(self.indices, self.weight.shape)
+        self._layout = IndexLayout(self.indices, self.weight_shape)
 
     def _require_whole_weight(self, what: str) -> None:
         # FSDP2 keeps the base weight as a sharded DTensor outside forward: writing entries
@@ -153,13 +170,13 @@ class SparseDeltaLayer(nn.Module):
     @property
     def layout(self) -> IndexLayout:
         if self._layout is None or self._layout.indices is not self.indices:
-            self._layout = IndexLayout(self.indices, self.weight.shape)
+            self._layout = IndexLayout(self.indices, self.weight_shape)
         return self._layout
 
     def _apply(self, fn, recurse=True):  # keep the cached layout on the module's device
         self._layout = None
         out = super()._apply(fn, recurse)
-        self._layout = IndexLayout(self.indices, self.weight.shape)
+        self._layout = IndexLayout(self.indices, self.weight_shape)
         return out
 
     # -- compute ------------------------------------------------------------------

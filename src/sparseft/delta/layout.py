@@ -16,9 +16,19 @@ def weight_is_transposed(module: nn.Module) -> bool:
     return is_conv1d(module)
 
 
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """The shape of a Linear's or Conv1D's weight as a float matrix (a quantized layer's
+    packed weight has another shape)."""
+    from .. import quant
+
+    if quant.is_quantized(module):
+        return quant.weight_shape(module)
+    return tuple(module.weight.shape)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a Linear or Conv1D."""
-    rows, cols = module.weight.shape
+    rows, cols = weight_shape(module)
     return (cols, rows) if weight_is_transposed(module) else (rows, cols)
 
 

@@ -90,7 +90,7 @@ class GrowDrop(Method):
             keep[name] = torch.ones(layer.num_entries, dtype=torch.bool, device=layer.indices.device)
             keep[name][dropped[name].long()] = False
             # the window's sum is ours (popped): its magnitude is the score, in place
-            score = grads[name].reshape(-1).abs_() if name in grads else torch.zeros(layer.weight.numel())
+            score = grads[name].reshape(-1).abs_() if name in grads else torch.zeros(layer.weight_numel)
             score[layer.indices.long()] = float("-inf")  # only entries not indexed before the drop
             grow_scores[name] = score
         grow(model, select_topk(grow_scores, n, "global", consume=True), optimizer, keep=keep)

@@ -55,7 +55,7 @@ def unmask_schedule(total_steps: int, budget: int, every: int = 1) -> list[int]:
     return counts
 
 
-def d3_score(grad: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-3, exponent: float = 0.0) -> torch.Tensor:
+def d3_score(grad: torch.Tensor, weight: torch.Tensor | None, epsilon: float = 1e-3, exponent: float = 0.0) -> torch.Tensor:
     """d3 = |g| / (|w| + eps)^e, flat float32 (e = 0 gives |g|)."""
     score = grad.detach().float().abs().reshape(-1)
     if exponent:
@@ -172,7 +172,7 @@ class ID3(Method):
         t = tile_side(cfg.granularity)
         scores = {}
         for name, layer in layers.items():
-            s = d3_score(grads[name], full_tensor(layer.weight) if cfg.id3.d3_exponent else layer.weight,
+            s = d3_score(grads[name], full_tensor(layer.weight) if cfg.id3.d3_exponent else None,
                          cfg.id3.d3_epsilon, cfg.id3.d3_exponent)
             if t > 1:  # whole tiles compete by their mean score; indexed tiles are out
                 shape = tuple(layer.weight.shape)

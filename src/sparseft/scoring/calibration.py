@@ -220,7 +220,7 @@ class GradientSum:
         """The sum for ``name`` (zeros when the layer got no gradient)."""
         buf = self.buffers.pop(name, None)
         if buf is None:
-            buf = torch.zeros(layer.weight.shape, dtype=torch.float32, device=layer.weight.device)
+            buf = torch.zeros(layer.weight_shape, dtype=torch.float32, device=layer.weight_device)
         return buf
 
 

@@ -44,12 +44,12 @@ def _drop_grad(p: torch.Tensor) -> None:
 def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1.0) -> list[list[str]]:
     """Consecutive layers (in order) in groups of at most ``max_fraction`` of all targeted
     entries each (a larger layer gets a group of its own)."""
-    total = sum(layer.weight.numel() for layer in layers.values())
+    total = sum(layer.weight_numel for layer in layers.values())
     cap = max_fraction * total
     groups: list[list[str]] = [[]]
     size = 0
     for name, layer in layers.items():
-        n = layer.weight.numel()
+        n = layer.weight_numel
         if groups[-1] and size + n > cap:
             groups.append([])
             size = 0
@@ -329,6 +329,9 @@ def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaL
     param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     in_group = set(group)
     with dense_weights(model, layers) as weights, _DecomposedSiLU(), _no_kv_cache(model):
+        # Named after merging: a quantized base merges by swapping in a float layer.
+        module_names = {id(m): name for name, m in model.named_modules()}
+        param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
         for w in weights:
             w.requires_grad_(False)
         by_param = {param_names[id(w)]: (n, w) for n, w in zip(layers, weights)}
@@ -466,7 +469,7 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
         for n in group:
             h = acc.buffers.pop(n, None)
             if h is None:
-                h = torch.zeros(layers[n].weight.shape, dtype=torch.float32, device=layers[n].weight.device)
+                h = torch.zeros(layers[n].weight_shape, dtype=torch.float32, device=layers[n].weight_device)
             yield n, h.mul_(_weight(layers[n])).reshape(-1)
         del acc
 
@@ -491,11 +494,11 @@ def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection:
     the budget) are held. When the budget exceeds an eighth of the targeted entries the
     candidates would outweigh the score buffers: one group, dense scores, plain top-k.
     """
-    total = sum(layer.weight.numel() for layer in layers.values())
+    total = sum(layer.weight_numel for layer in layers.values())
     if budget * 8 > total:
         return select_topk(grasp_scores(layers, model, data, micro_batch, loss_fn=loss_fn), budget, selection,
                            consume=True)
-    topk = StreamingTopK({n: layer.weight.numel() for n, layer in layers.items()}, budget, selection)
+    topk = StreamingTopK({n: layer.weight_numel for n, layer in layers.items()}, budget, selection)
     for name, score in grasp_stream(layers, model, data, micro_batch, grasp_groups(layers, group_fraction),
                                     loss_fn=loss_fn):
         topk.add(name, score)

@@ -27,7 +27,7 @@ def _layer_generator(seed: int, name: str) -> torch.Generator:
 def random_scores(layers: Mapping[str, SparseDeltaLayer], seed: int = 0, **_: object) -> dict[str, torch.Tensor]:
     """U(0, 1) per entry, seeded: the top-k is a uniform random subset."""
     return {
-        name: torch.rand(layer.weight.numel(), generator=_layer_generator(seed, name)).to(layer.weight.device)
+        name: torch.rand(layer.weight_numel, generator=_layer_generator(seed, name)).to(layer.weight_device)
         for name, layer in layers.items()
     }
 
@@ -131,9 +131,12 @@ def synflow_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | No
         raise ValueError("synflow needs the model")
     emb = model.get_input_embeddings()
     hidden = emb.weight.shape[1]
-    params = [p for p in model.parameters() if p.is_floating_point()]
+    from ..delta.quantized import float_bases
+
     acc = GradientSum()
-    with scoring_mode(model):
+    # A quantized base runs on float copies here: every weight is made positive in place.
+    with float_bases(layers.values()), scoring_mode(model):
+        params = [p for p in model.parameters() if p.is_floating_point()]
         with torch.no_grad():
             signs = [torch.signbit(p) for p in params]
             for p in params:
