@@ -12,8 +12,7 @@ from typing import Any
 from .. import __version__
 from .. import registry
 from ..config import (DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, QUANTIZE_FORMATS, CalibrationOptions, ConfigError,
-                      DynamicOptions,
-                      GrowDropOptions, ID3Options, SparseConfig)
+                      DynamicOptions, GrowDropOptions, ID3Options, SparseConfig)
 from ..train import TrainingArguments
 from .baselines import BASELINE_METHODS, BaselineConfig
 from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
