@@ -26,7 +26,8 @@ def bert_model():
 def folded_model():
     """A dynamic run with drop_policy="merge": some entries live in the base weights."""
     model = sparseft.get_sparse_model(tiny_one_layer_bert(0), sparseft.SparseConfig(
-        method="gradient", density=0.05, schedule="dynamic", update_every=2, score_window=1, drop_policy="merge"),
+        method="gradient", density=0.05, schedule="dynamic",
+        dynamic=sparseft.DynamicOptions(update_every=2, score_window=1, drop_policy="merge")),
         calibration_data=toy_batches(1))
     train(model, toy_batches(4), TrainingArguments(lr=5e-2, max_steps=4, warmup_ratio=0.0, progress=False))
     assert model.num_folded_params() > 0
