@@ -25,7 +25,7 @@ def effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.
     return merged
 
 
-# How a kernel gets W + S (section 2 of DESIGN.md); all give bit-identical results:
+# How a kernel gets W + S (docs/architecture.md); all give bit-identical results:
 #   "clone"    a fresh copy of W plus the values (one allocation and O(numel) copy per call);
 #   "scratch"  the same into a reused per-thread buffer of W's shape (no allocation, still O(numel));
 #   "inplace"  add the values into W itself, run the matmul, put the k original entries back

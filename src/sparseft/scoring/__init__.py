@@ -1,6 +1,6 @@
 """Salience scores: one flat float32 tensor per targeted weight, higher = keep.
 
-Scorers (DESIGN.md section 5; g is the mean gradient of the loss over the calibration
+Scorers (docs/methods.md; g is the mean gradient of the loss over the calibration
 examples, w the frozen weight):
 
 =========  ==========================================================================
