@@ -372,3 +372,12 @@ def test_grasp_falls_back_to_double_backward(monkeypatch):
     assert all(torch.equal(got[n], expected[n]) for n in layers)
     with pytest.raises(NotImplementedError):
         grasp.grasp_scores(layers, model=model, data=batches, hg_method="forward-over-reverse")
+
+
+def test_calibration_shows_progress_over_its_batches(capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    batches = calib_batches("bert")
+    assert len(batches) >= 2
+    get_sparse_model(build_bert(), SparseConfig(method="gradient", density=0.05), calibration_data=batches)
+    err = capsys.readouterr().err
+    assert "calibration" in err and f"0/{len(batches)} " in err

@@ -7,10 +7,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..delta import SparseDeltaLayer
 from ..config import CALLABLE
-from ..distributed import all_reduce_mean_, full_tensor
+from ..distributed import all_reduce_mean_, full_tensor, is_main_process
 
 Batch = Mapping[str, Any]
 
@@ -240,8 +241,11 @@ def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batc
     acc = GradientSum()
     total = sum(batch_size(b) for b in batches)
     device = _model_device(model)
+    # A progress bar over the calibration batches (main process only; TQDM_DISABLE=1 hides it).
+    progress = tqdm(batches, desc="calibration", unit="batch", leave=False, dynamic_ncols=True,
+                    disable=len(batches) < 2 or not is_main_process())
     with scoring_mode(model), observing(layers, acc.observer):
-        for b in batches:
+        for b in progress:
             for piece, weight in micro_batches(model, b, micro_batch):
                 acc.scale = batch_size(b) / total * weight
                 _backward_to_values(_loss(model, _to_device(piece, device), loss_fn), layers)
