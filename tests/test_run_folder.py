@@ -12,7 +12,7 @@ from _tiny import sentiment_rows, tiny_bert_dir, write_rows
 from safetensors.torch import load_file
 
 from sparseft.app.cli import main
-from sparseft.app.run_folder import file_mode
+from sparseft.model import file_mode
 
 
 @pytest.fixture(scope="module")

@@ -90,15 +90,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+def file_mode() -> int:
+    """The mode an ordinary new file gets here: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
+
+    ``write(tmp)`` fills the temporary file; it ends with an ordinary file's mode
+    (``file_mode``), not mkstemp's private 0600.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would make the adapter private
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -408,10 +417,10 @@ class SparseModel(nn.Module):
         if not is_main_process():
             return out
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         meta = {"sparse_config": self.sparse_config.to_dict(), **self.adapter_metadata(), **(extra_metadata or {}),
                 "weights_sha256": file_sha256(out / WEIGHTS_NAME)}
-        _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+        atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
         return out
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,

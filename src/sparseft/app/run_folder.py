@@ -13,11 +13,11 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import STATE_NAME, CheckpointError, latest_checkpoint
+from ..model import atomic_write
 
 SPEC_NAME = "run_spec.json"
 METRICS_NAME = "metrics.json"
@@ -117,24 +117,7 @@ def checkpoint_step(folder: str | os.PathLike) -> int:
     return int(json.loads((Path(folder) / STATE_NAME).read_text())["step"])
 
 
-def file_mode() -> int:
-    """The mode an ordinary new file gets here: 0666 less the umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` whole: a temporary file in the same folder, fsynced, renamed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
