@@ -67,3 +67,12 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
         rows.append({"text": " ".join(words), "label": "pos" if label else "neg",
                      "prompt": "review " + " ".join(words), "target": "positive" if label else "negative"})
     return rows
+
+
+def tiny_run_folder(d: Path, train_rows: int = 48, eval_rows: int = 16, seeds: tuple[int, int] = (0, 1)) -> Path:
+    """A tiny BERT, a tiny Llama and train/eval JSONL files of sentiment rows, under ``d``."""
+    tiny_bert_dir(d / "bert")
+    tiny_llama_dir(d / "llama")
+    write_rows(d / "train.jsonl", sentiment_rows(train_rows, seed=seeds[0]))
+    write_rows(d / "eval.jsonl", sentiment_rows(eval_rows, seed=seeds[1]))
+    return d

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from _tiny import sentiment_rows, tiny_bert_dir, tiny_llama_dir, write_rows
+from _tiny import tiny_run_folder
 
 from sparseft.app.cli import main
 
@@ -11,12 +11,7 @@ pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("eval")
-    tiny_bert_dir(d / "bert")
-    tiny_llama_dir(d / "llama")
-    write_rows(d / "train.jsonl", sentiment_rows(32, seed=1))
-    write_rows(d / "eval.jsonl", sentiment_rows(16, seed=2))
-    return d
+    return tiny_run_folder(tmp_path_factory.mktemp("eval"), train_rows=32, seeds=(1, 2))
 
 
 def train(d, out, model, *extra):

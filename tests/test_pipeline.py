@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _tiny import sentiment_rows, tiny_bert_dir, tiny_llama_dir, write_rows
+from _tiny import tiny_run_folder
 from sparseft.app import runner
 from sparseft.app.cli import main
 from sparseft.app.prepare import calibration_order, prepare
@@ -23,12 +23,7 @@ MEASURED = {"step_time_s", "tokens_per_s", "train_seconds", "selection_seconds",
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_bert_dir(d / "bert")
-    tiny_llama_dir(d / "llama")
-    write_rows(d / "train.jsonl", sentiment_rows(48))
-    write_rows(d / "eval.jsonl", sentiment_rows(16, seed=1))
-    return d
+    return tiny_run_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def classification_args(folders, out, *extra):

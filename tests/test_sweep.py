@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from _tiny import sentiment_rows, tiny_bert_dir, tiny_llama_dir, write_rows
+from _tiny import tiny_run_folder, write_rows
 from sparseft.app.cli import main
 
 pytest.importorskip("peft")
@@ -11,12 +11,7 @@ pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_bert_dir(d / "bert")
-    tiny_llama_dir(d / "llama")
-    write_rows(d / "train.jsonl", sentiment_rows(48))
-    write_rows(d / "eval.jsonl", sentiment_rows(16, seed=1))
-    return d
+    return tiny_run_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def test_two_run_sweep_writes_results_resumes_and_plots(folders, tmp_path, capsys):
