@@ -61,6 +61,24 @@ def test_summary_pairs_each_series_with_lora_by_seed():
     assert paired["random (default lr)"]["wins"] == 2 and paired["random"]["seeds"] == 1
 
 
+def test_default_rate_is_compared_with_the_best_rate_tried_paired_by_seed():
+    from sparseft.app.plot import default_table, default_vs_tuned
+
+    def row(lr, seed, val, score, given=None):
+        return {"task": "t", "method": "random", "budget": "r4", "lr": lr, "lr_given": given or lr, "seed": seed,
+                "score": score, "validation_score": val, "trainable_params": 10}
+    rows = [row(0.01, s, 0.70, 0.71 + 0.01 * s, "auto") for s in (0, 1, 2)] + [
+        row(0.02, s, 0.75, 0.74) for s in (0, 1)] + [row(0.005, 0, 0.60, 0.90)]
+    (e,) = default_vs_tuned(rows)
+    assert e["default_lr"] == 0.01 and e["best_lr"] == 0.02  # chosen on validation, not test
+    assert e["seeds"] == 2 and e["lrs_tried"] == [0.005, 0.01, 0.02]
+    assert e["diff_mean"] == pytest.approx((0.71 - 0.74 + 0.72 - 0.74) / 2)
+    assert "| t | random | r4 | 0.01 | 0.02 (of 0.005, 0.01, 0.02) | 2 |" in default_table([e])
+    # the default rate can be the best one: its own runs are then the comparison
+    (same,) = default_vs_tuned([row(0.01, 0, 0.8, 0.8, "auto"), row(0.02, 0, 0.7, 0.9)])
+    assert same["best_lr"] == 0.01 and same["diff_mean"] == 0
+
+
 def test_bad_grid_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "g.json").write_text(json.dumps({"methods": ["random"], "budgets": [{"rank": 3}]}))
     assert main(["sweep", str(tmp_path / "g.json")]) == 2

@@ -99,6 +99,46 @@ def paired_vs_lora(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def default_vs_tuned(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each method's runs at the default rate against its best rate, per task and budget.
+
+    The best rate is chosen on mean validation score over every rate the method ran at,
+    the default rate's own runs included (so it can be the best); the two are compared
+    on test score, paired by seed."""
+    by_group: dict[tuple, dict[Any, dict[Any, dict]]] = defaultdict(lambda: defaultdict(dict))
+    defaults: dict[tuple, dict[Any, dict]] = defaultdict(dict)
+    for row in rows:
+        key = (row.get("task"), row["method"], row.get("budget", ""))
+        by_group[key][row.get("lr")][row.get("seed")] = row
+        if row.get("lr_given") == "auto":
+            defaults[key][row.get("seed")] = row
+    out = []
+    for key, default_runs in defaults.items():
+        by_lr = by_group[key]
+        higher = next(iter(default_runs.values())).get("higher_is_better", True)
+        sign = 1 if higher else -1
+
+        def val(lr):
+            return sign * statistics.fmean(r.get("validation_score", r["score"]) for r in by_lr[lr].values())
+        best = max(by_lr, key=val)
+        default_lr = next(iter(default_runs.values()))["lr"]
+        seeds = sorted(set(default_runs) & set(by_lr[best]), key=str)
+        if not seeds:
+            continue
+        diffs = [default_runs[s]["score"] - by_lr[best][s]["score"] for s in seeds]
+        out.append({"task": key[0], "method": key[1], "budget": key[2], "default_lr": default_lr, "best_lr": best,
+                    "lrs_tried": sorted(by_lr), "seeds": len(seeds),
+                    "default_mean": statistics.fmean(default_runs[s]["score"] for s in seeds),
+                    "best_mean": statistics.fmean(by_lr[best][s]["score"] for s in seeds),
+                    "diff_mean": statistics.fmean(diffs), "diff_min": min(diffs), "diff_max": max(diffs)})
+    return sorted(out, key=lambda e: (str(e["task"]), e["method"], _budget_order(e["budget"])))
+
+
+def _budget_order(budget: str) -> tuple:
+    number = "".join(c for c in str(budget) if c.isdigit() or c == ".")
+    return str(budget)[:1], float(number) if number else 0.0
+
+
 def _peak_rss(runs: list[dict[str, Any]]) -> float:
     """Median peak RSS of training (selection + training, not the final evaluation) over the
     runs that recorded it; runs from before that field existed give the whole run's peak."""
@@ -179,7 +219,8 @@ def plot_results(results: str | Path, out: str | Path, grid: str | Path | None =
         plt.close(fig)
         written.append(path)
     table = out / "summary.md"
-    table.write_text(summary_table(summary) + paired_table(paired_vs_lora(summary)) + rate_table(rows))
+    table.write_text(summary_table(summary) + paired_table(paired_vs_lora(summary))
+                     + default_table(default_vs_tuned(rows)) + rate_table(rows))
     written.append(table)
     return written
 
@@ -212,6 +253,21 @@ def paired_table(paired: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_table(compared: list[dict[str, Any]]) -> str:
+    if not compared:
+        return ""
+    lines = ["", "The default rate against each method's best rate (chosen on validation, the default among the "
+             "rates tried), paired by seed (test score):", "",
+             "| task | method | budget | default lr | best lr (of rates tried) | seeds | default mean | best mean "
+             "| mean [min, max] of (default - best) |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in compared:
+        tried = ", ".join(f"{x:g}" for x in e["lrs_tried"])
+        lines.append(f"| {e['task']} | {e['method']} | {e['budget']} | {e['default_lr']:.3g} | {e['best_lr']:.3g} "
+                     f"(of {tried}) | {e['seeds']} | {e['default_mean']:.4f} | {e['best_mean']:.4f} | "
+                     f"{e['diff_mean']:+.4f} [{e['diff_min']:+.4f}, {e['diff_max']:+.4f}] |")
+    return "\n".join(lines) + "\n"
+
+
 def rate_table(rows: list[dict[str, Any]]) -> str:
     """Every (task, budget, series, rate): validation and test score, mean over its seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -223,8 +279,7 @@ def rate_table(rows: list[dict[str, Any]]) -> str:
 
     def order(key):
         task, budget, name, lr = key
-        number = "".join(c for c in budget if c.isdigit() or c == ".")
-        return task, budget[:1], float(number) if number else 0.0, name, lr if lr is not None else 0.0
+        return task, *_budget_order(budget), name, lr if lr is not None else 0.0
     for key in sorted(groups, key=order):
         task, budget, name, lr = key
         runs = groups[key]
