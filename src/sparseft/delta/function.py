@@ -13,6 +13,12 @@ from .weight import with_effective_weight
 
 
 def _forward_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    # The matmul runs in the activations' dtype (under autocast, x arrives already cast):
+    # the frozen weight and the bias are cast to it, as autocast casts an nn.Linear's.
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     if transposed:
         # Same kernel as transformers' Conv1D (addmm), so zero values give bit-identical outputs.
         x2 = _as_2d(x)
@@ -22,6 +28,8 @@ def _forward_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
 
 
 def _grad_input_kernel(grad_out: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    if w.dtype != grad_out.dtype:
+        w = w.to(grad_out.dtype)
     return grad_out.matmul(w.t()) if transposed else grad_out.matmul(w)
 
 
@@ -89,6 +97,8 @@ def delta_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, values: torch
     if needs[2] and has_bias:
         grad_bias = g2.sum(0)
     if dense is not None:
+        if dense.dtype in (torch.float16, torch.bfloat16):
+            dense = dense.float()  # observers accumulate scores in float32
         grad_observer(dense)  # after the gather: an observer may reuse the buffer in place
     return grad_x, grad_bias, grad_values
 
@@ -178,6 +188,17 @@ def _delta_linear_backward(ctx, grad_out):
 _delta_linear_op.register_autograd(_delta_linear_backward, setup_context=_delta_linear_setup)
 
 
+def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run this linear in, where it differs from x's; else None."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or not weight.is_floating_point():
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == dtype or x.dtype == torch.float64 or not x.is_floating_point():
+        return None
+    return dtype
+
+
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
                         layout: IndexLayout, transposed: bool, backend: str = "auto", weight_mode: str = "auto",
                         grad_observer: Callable[[torch.Tensor], None] | None = None,
@@ -189,6 +210,11 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """
     if use_op is None:
         use_op = torch.compiler.is_compiling()
+    compute = _autocast_dtype(x, weight)
+    if compute is not None:
+        # Cast outside the kernels, as autocast casts an nn.Linear's input: autograd then
+        # returns x's gradient in x's dtype, and the kernels see one dtype throughout.
+        x = x.to(compute)
     if use_op and grad_observer is None:
         return _delta_linear_op(x, weight, bias, values, layout.indices, *layout.parts, transposed, weight_mode, backend)
     return SparseDeltaFunction.apply(x, weight, bias, values, layout.indices, layout, transposed, backend,
