@@ -32,6 +32,7 @@ def test_train_warns_calibrates_aloud_and_prints_validation_scores(tmp_path, cap
     out, err = capsys.readouterr()
     assert "warning: only 4 optimizer steps are planned" in err and "--epochs" in err
     assert "few training examples for some classes" in err
-    assert "calibrating: scoring entries with 'gradient' on 32 training examples (4 batches)" in err
+    # 32 rows less the 3 carved out for validation
+    assert "calibrating: scoring entries with 'gradient' on 29 training examples (4 batches)" in err
     assert "step 2/4: validation accuracy" in out + err
     assert " on cpu |" in out

@@ -128,8 +128,9 @@ def test_classification_and_causal_runs_calibrate_on_the_same_seeded_order(folde
               "--max-steps", "1"]
     assert main(classification_args(folders, tmp_path / "cls", *common)) == 0
     assert main(causal_args(folders, tmp_path / "lm", *common)) == 0
-    order = calibration_order(48, 10, seed=3)
-    assert order == torch.randperm(48, generator=torch.Generator().manual_seed(3))[:10].tolist()
+    kept = 48 - 5  # the training file's rows less the validation rows carved out of it (10 %)
+    order = calibration_order(kept, 10, seed=3)
+    assert order == torch.randperm(kept, generator=torch.Generator().manual_seed(3))[:10].tolist()
     assert order != list(range(10))  # not simply the first examples
     for batches, data in zip(seen, (
         TaskOptions(train_file=str(folders / "train.jsonl"), eval_file=str(folders / "eval.jsonl"), batch_size=8),
@@ -138,7 +139,7 @@ def test_classification_and_causal_runs_calibrate_on_the_same_seeded_order(folde
     )):
         model = folders / ("llama" if data.prompt_column else "bert")
         loader = prepare(RunSpec(out="", model=str(model), data=data, training=TrainingArguments(seed=3))).train_loader
-        assert len(loader.dataset) == 48  # one training sequence per example on both paths
+        assert len(loader.dataset) == kept  # one training sequence per example on both paths
         expected = list(torch.utils.data.DataLoader([loader.dataset[i] for i in order], batch_size=4,
                                                     collate_fn=loader.collate_fn))
         assert [len(b["labels"]) for b in batches] == [4, 4, 2]

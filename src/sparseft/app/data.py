@@ -200,6 +200,33 @@ def group_split(
     return {name: sorted(split, key=lambda e: (e.group, e.text)) for name, split in splits.items()}
 
 
+# --------------------------------------------------------------------------- validation from training files
+
+# Validation carved out of a user's training file when no validation file is given: this
+# fraction of its rows, at most VALIDATION_CAP of them (enough to rank learning rates).
+VALIDATION_FRACTION = 0.1
+VALIDATION_CAP = 1000
+
+
+def carve_validation(items: Sequence, fraction: float, seed: int, cap: int = VALIDATION_CAP) -> tuple[list, list]:
+    """Split a user's training rows into (train, validation): ``round(fraction * n)`` rows
+    (at least one, at most ``cap``) drawn with ``seed``; both parts keep the file's order.
+
+    The draw depends on the seed and the row count only, so every run with the same seed
+    (all methods and learning rates of a sweep) validates on the same rows.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"the validation fraction must lie between 0 and 1 (exclusive), got {fraction}")
+    n = len(items)
+    size = min(cap, max(1, round(fraction * n)))
+    if n - size < 1:
+        raise DataError(f"cannot carve a validation split out of {n} training row(s); give --validation-file, "
+                        "or --no-validation-split to validate on the eval file")
+    held = set(random.Random(f"{seed}-carve-validation").sample(range(n), size))
+    return ([item for i, item in enumerate(items) if i not in held],
+            [item for i, item in enumerate(items) if i in held])
+
+
 # --------------------------------------------------------------------------- user tables
 
 _INTEGER = re.compile(r"-?\d+")

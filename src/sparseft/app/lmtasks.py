@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from . import data
 from .data import DataError
-from .tasks import _subset
+from .tasks import _subset, user_validation
 
 LM_KINDS = ("lm", "generation")
 
@@ -47,6 +47,7 @@ class LMTaskData:
     train: list[Pair]
     validation: list[Pair]
     test: list[Pair]
+    validation_source: str = "task split"  # as TaskData.validation_source
 
     @property
     def higher_is_better(self) -> bool:
@@ -115,11 +116,16 @@ def read_pairs(path: str | Path, prompt_column: str = "prompt", target_column: s
 
 
 def generation_task_from_files(train_file: str | Path, eval_file: str | Path, prompt_column: str = "prompt",
-                               target_column: str = "target") -> LMTaskData:
-    """A generation task from your own files; the eval file serves as validation and test."""
+                               target_column: str = "target", validation_file: str | Path | None = None,
+                               validation_split: float = 0.0, seed: int = 0) -> LMTaskData:
+    """A generation task from your own files; the eval file is the test split, validation
+    as for classification (`tasks.task_from_files`)."""
     train = read_pairs(train_file, prompt_column, target_column)
     evaluation = read_pairs(eval_file, prompt_column, target_column)
-    return LMTaskData(Path(train_file).stem, "generation", "exact_match", train, evaluation, list(evaluation))
+    train, validation, source = user_validation(
+        train, evaluation, validation_file and (lambda: read_pairs(validation_file, prompt_column, target_column)),
+        validation_split, seed)
+    return LMTaskData(Path(train_file).stem, "generation", "exact_match", train, validation, list(evaluation), source)
 
 
 def majority_target_rate(pairs: Sequence[Pair]) -> float | None:

@@ -15,6 +15,7 @@ from ..config import (DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, QUANTIZE_FO
                       DynamicOptions, GrowDropOptions, ID3Options, SparseConfig)
 from ..train import TrainingArguments
 from .baselines import BASELINE_METHODS, BaselineConfig
+from .data import VALIDATION_CAP, VALIDATION_FRACTION
 from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
 from .spec import RunSpec, TaskOptions
 
@@ -75,7 +76,17 @@ def _add_data_options(p: argparse.ArgumentParser, task_default: str | None, trai
                    help=_task_help() if training else _task_help() + ". Default: the task recorded in the adapter")
     g.add_argument("--train-file", help="your own training data (CSV, TSV or JSONL); needs --eval-file"
                    if training else "your own training data: its labels fix the label order (with --eval-file)")
-    g.add_argument("--eval-file", help="your own evaluation data (CSV, TSV or JSONL)")
+    g.add_argument("--eval-file", help="your own test data (CSV, TSV or JSONL): the reported score")
+    g.add_argument("--validation-file",
+                   help="your own validation data (CSV, TSV or JSONL): what --eval-every and sweeps choose learning "
+                        "rates on (default: carved out of --train-file, see --validation-split)")
+    g.add_argument("--validation-split", type=float, default=VALIDATION_FRACTION, metavar="FRACTION",
+                   help=f"your own data without --validation-file: hold out this fraction of the training rows "
+                        f"(at most {VALIDATION_CAP:,}), drawn with --seed, as the validation split (default: "
+                        f"{VALIDATION_FRACTION:g})")
+    g.add_argument("--no-validation-split", dest="validation_split", action="store_const", const=0.0,
+                   help="your own data: train on every training row and validate on the eval file, which is then "
+                        "both validation and test (a rate chosen on it is chosen on the test data)")
     g.add_argument("--text-column", default="text", help="column holding the text")
     g.add_argument("--label-column", default="label", help="column holding the label")
     if training:
@@ -216,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def task_options(ns: argparse.Namespace) -> TaskOptions:
     return TaskOptions(
         task=ns.task or "rt-sentiment", train_file=ns.train_file, eval_file=ns.eval_file,
+        validation_file=ns.validation_file, validation_split=ns.validation_split,
         text_column=ns.text_column, label_column=ns.label_column,
         max_train_examples=getattr(ns, "max_train_examples", None), max_eval_examples=ns.max_eval_examples,
         max_length=ns.max_length, batch_size=getattr(ns, "batch_size", 32),

@@ -31,18 +31,31 @@ class Setup:
     evaluate: Callable[[torch.nn.Module, str], dict[str, Any]]  # (model, "validation" | "test") -> metrics
     majority_rate: float | None
     record: dict[str, Any]  # task facts an adapter keeps for ``eval`` (label names, task kind)
+    # where the validation split came from and its size: {"source": one of
+    # tasks.VALIDATION_SOURCES, "examples": N} (metrics.json "validation_data")
+    validation_data: dict[str, Any]
 
 
 def is_causal_run(opts: TaskOptions) -> bool:
     return is_lm_task(opts.task) or bool(opts.prompt_column)
 
 
-def load_task(opts: TaskOptions, seed: int) -> TaskData:
-    """A classification task: built in, or from the user's files."""
+def _check_files(opts: TaskOptions) -> bool:
+    """Whether ``opts`` names the user's own files (checking that they go together)."""
     if opts.train_file or opts.eval_file:
         if not (opts.train_file and opts.eval_file):
             raise ValueError("--train-file and --eval-file go together")
-        return task_from_files(opts.train_file, opts.eval_file, opts.text_column, opts.label_column)
+        return True
+    if opts.validation_file:
+        raise ValueError("--validation-file is for your own data: give --train-file and --eval-file too")
+    return False
+
+
+def load_task(opts: TaskOptions, seed: int) -> TaskData:
+    """A classification task: built in, or from the user's files."""
+    if _check_files(opts):
+        return task_from_files(opts.train_file, opts.eval_file, opts.text_column, opts.label_column,
+                               validation_file=opts.validation_file, validation_split=opts.validation_split, seed=seed)
     if opts.task not in task_descriptions():
         raise DataError(f"unknown task {opts.task!r}; built-in tasks: {', '.join(task_descriptions())}; "
                         "or give your own data with --train-file/--eval-file")
@@ -68,7 +81,7 @@ def _prepare_classification(spec: RunSpec) -> Setup:
             spec.training.progress))
 
     return Setup(task.name, task.metric, True, base, tokenizer, list(new_heads), loader, evaluate,
-                 majority_rate(task.test), {"label_names": task.label_names})
+                 majority_rate(task.test), {"label_names": task.label_names}, _validation_data(task))
 
 
 def _prepare_causal(spec: RunSpec) -> Setup:
@@ -77,11 +90,10 @@ def _prepare_causal(spec: RunSpec) -> Setup:
         what = "generation data (--prompt-column)" if opts.prompt_column else f"--task {opts.task}"
         raise ValueError(f"{what} needs a causal LM and the default model is an encoder (MiniLM): "
                          "try --model smollm2, or a local causal-LM folder")
-    if opts.train_file or opts.eval_file:
-        if not (opts.train_file and opts.eval_file):
-            raise ValueError("--train-file and --eval-file go together")
+    if _check_files(opts):
         task = generation_task_from_files(opts.train_file, opts.eval_file, opts.prompt_column or "prompt",
-                                          opts.target_column or "target")
+                                          opts.target_column or "target", validation_file=opts.validation_file,
+                                          validation_split=opts.validation_split, seed=seed)
     else:
         task = get_lm_task(opts.task, seed, opts.max_train_examples, opts.max_eval_examples)
     base, tokenizer = load_causal_lm(spec.model)
@@ -100,7 +112,11 @@ def _prepare_causal(spec: RunSpec) -> Setup:
                                    max_length=opts.max_length, max_new_tokens=opts.max_new_tokens)
 
     return Setup(task.name, task.metric, task.higher_is_better, base, tokenizer, [], loader, evaluate,
-                 majority_target_rate(task.test), {"kind": task.kind})
+                 majority_target_rate(task.test), {"kind": task.kind}, _validation_data(task))
+
+
+def _validation_data(task) -> dict[str, Any]:
+    return {"source": task.validation_source, "examples": len(task.validation)}
 
 
 def calibration_order(size: int, examples: int, seed: int) -> list[int]:

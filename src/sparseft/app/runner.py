@@ -28,7 +28,7 @@ from .baselines import DEFAULT_LR as BASELINE_LR
 from .baselines import get_baseline_model, load_baseline
 from .prepare import Setup, calibration_batches, prepare
 from .pretrained import DEFAULT_MODEL
-from .spec import RunSpec, TaskOptions, resolve_device, spec_from_dict, spec_to_dict
+from .spec import RunSpec, TaskOptions, resolve_device, spec_from_dict, spec_to_dict, task_options_from_dict
 
 __all__ = ["RunSpec", "TaskOptions", "run_training", "resume_training", "evaluate_adapter", "default_lr"]
 
@@ -97,7 +97,9 @@ def run_training(spec: RunSpec, resume_from: str | None = None, overwrite: bool 
     ``save_minutes`` minutes, and on SIGINT/SIGTERM) that ``resume_from`` (one of them)
     continues from. A new run refuses a folder that holds another run unless ``overwrite``."""
     out = run_folder.claim(spec.out, overwrite) if resume_from is None else Path(spec.out)
-    tag = run_folder.checkpoint_tag(spec_to_dict(spec))  # before modules_to_save is filled in
+    # before modules_to_save is filled in; a resumed run's checkpoints carry the settings its
+    # run_spec.json records (as written, even by an older version)
+    tag = run_folder.checkpoint_tag(spec_to_dict(spec) if resume_from is None else run_folder.read_spec(out))
     if resume_from is None:
         write_json(out / SPEC_NAME, spec_to_dict(spec))
     seed = spec.training.seed
@@ -135,6 +137,7 @@ def run_training(spec: RunSpec, resume_from: str | None = None, overwrite: bool 
         "validation_score": scores["validation"][setup.metric],
         "test": scores["test"],
         "validation": scores["validation"],
+        "validation_data": setup.validation_data,
         "majority_rate": setup.majority_rate,
         "trainable_params": summary["sparse_params"],
         "head_params": summary["head_params"],
@@ -232,7 +235,7 @@ def evaluate_adapter(adapter: str, opts: TaskOptions | None = None, model: str |
         adapter = str(folder / ADAPTER)
     record = adapter_record(adapter)
     if opts is None:
-        opts = TaskOptions(**record["data"]) if record.get("data") else TaskOptions()
+        opts = task_options_from_dict(record["data"]) if record.get("data") else TaskOptions()
     seed = record.get("seed", 0) if seed is None else seed
     spec = RunSpec(out="", model=model or record.get("model", DEFAULT_MODEL), data=opts,
                    training=TrainingArguments(seed=seed))

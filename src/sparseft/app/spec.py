@@ -11,6 +11,7 @@ import torch
 from ..config import SparseConfig
 from ..train import TrainingArguments
 from .baselines import BaselineConfig
+from .data import VALIDATION_FRACTION
 from .pretrained import DEFAULT_MODEL
 
 
@@ -18,7 +19,12 @@ from .pretrained import DEFAULT_MODEL
 class TaskOptions:
     task: str = "rt-sentiment"
     train_file: str | None = None
-    eval_file: str | None = None
+    eval_file: str | None = None  # your own data: the test split
+    # Your own data's validation split (what learning rates are chosen on): this file, else
+    # this fraction of the training file (seeded by the run's seed, data.carve_validation),
+    # else (0) the eval file, which is then both validation and test.
+    validation_file: str | None = None
+    validation_split: float = VALIDATION_FRACTION
     text_column: str = "text"
     label_column: str = "label"
     max_train_examples: int | None = None
@@ -58,10 +64,16 @@ def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
 
 def spec_from_dict(data: dict[str, Any]) -> RunSpec:
     baseline = data.get("baseline")
-    return RunSpec(out=data["out"], model=data["model"], data=TaskOptions(**data["data"]),
+    return RunSpec(out=data["out"], model=data["model"], data=task_options_from_dict(data["data"]),
                    sparse=SparseConfig.from_dict(data["sparse"]), training=TrainingArguments(**data["training"]),
                    baseline=BaselineConfig(**baseline) if baseline is not None else None,
                    device=data.get("device", "cpu"))
+
+
+def task_options_from_dict(data: dict[str, Any]) -> TaskOptions:
+    """TaskOptions as recorded in a run spec or an adapter. Records written before the
+    validation split existed validated on the eval file: they keep doing so."""
+    return TaskOptions(**{"validation_split": 0.0, **data})
 
 
 def resolve_device(name: str) -> torch.device:

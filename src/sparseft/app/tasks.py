@@ -17,6 +17,12 @@ from . import data
 from .data import DataError, Example
 
 
+# Where a task's validation split comes from: the built-in task's own split, the user's
+# --validation-file, rows carved out of the user's training file, or (--no-validation-split)
+# the user's eval file, which then also serves as the test split.
+VALIDATION_SOURCES = ("task split", "file", "carved from train", "eval file")
+
+
 @dataclass
 class TaskData:
     name: str
@@ -25,6 +31,7 @@ class TaskData:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
+    validation_source: str = VALIDATION_SOURCES[0]
 
     @property
     def num_labels(self) -> int:
@@ -84,21 +91,41 @@ def task_from_files(
     text_column: str = "text",
     label_column: str = "label",
     name: str | None = None,
+    validation_file: str | Path | None = None,
+    validation_split: float = 0.0,
+    seed: int = 0,
 ) -> TaskData:
-    """A task from the user's own CSV/TSV/JSONL files; the eval file serves as validation and test.
+    """A task from the user's own CSV/TSV/JSONL files; the eval file is the test split.
 
-    Label indexes come from the training file, so both files share one mapping.
+    Validation comes from `validation_file`, else from a `validation_split` fraction of
+    the training rows (`data.carve_validation`, seeded), else (0) from the eval file.
+    Label indexes come from the training file, so all files share one mapping.
     """
     train, label_names = data.read_table(train_file, text_column, label_column)
     evaluation, _ = data.read_table(eval_file, text_column, label_column, label_names=label_names)
+    train, validation, source = user_validation(
+        train, evaluation, validation_file and (lambda: data.read_table(
+            validation_file, text_column, label_column, label_names=label_names)[0]), validation_split, seed)
     return TaskData(
         name=name or Path(train_file).stem,
         label_names=label_names,
         metric="accuracy",
         train=train,
-        validation=evaluation,
+        validation=validation,
         test=list(evaluation),
+        validation_source=source,
     )
+
+
+def user_validation(train: list, evaluation: list, read_validation: Callable[[], list] | None,
+                    validation_split: float, seed: int) -> tuple[list, list, str]:
+    """(train, validation, source) for the user's own files: see `task_from_files`."""
+    if read_validation is not None:
+        return train, read_validation(), "file"
+    if validation_split:
+        train, validation = data.carve_validation(train, validation_split, seed)
+        return train, validation, "carved from train"
+    return train, list(evaluation), "eval file"
 
 
 def _subset(examples: list[Example], limit: int | None, seed: str) -> list[Example]:
