@@ -339,6 +339,10 @@ def test_weight_mode_resolution():
     with torch.no_grad():  # as inside an autograd.Function's forward or a plain backward
         assert delta_mod.resolve_weight_mode("auto", w, 1) == "inplace"
         assert delta_mod.resolve_weight_mode("auto", w, 60) == "scratch"
+        assert delta_mod.resolve_weight_mode("auto", w, 4) == "inplace"
+        assert delta_mod.resolve_weight_mode("auto", w, 5) == "scratch"  # above 4 % of the entries
+        assert delta_mod.resolve_weight_mode("auto", w, 12, tiled=True) == "inplace"  # tiles: up to 12 %
+        assert delta_mod.resolve_weight_mode("auto", w, 13, tiled=True) == "scratch"
         assert delta_mod.resolve_weight_mode("inplace", w, 100) == "clone"  # a full index
         assert delta_mod.resolve_weight_mode("inplace", w.t(), 3) == "clone"  # not contiguous
     with torch.enable_grad():  # a kernel run with grad mode on (double backward) gets a private copy

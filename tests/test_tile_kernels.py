@@ -94,3 +94,29 @@ def test_detect_refuses_indexes_that_are_not_whole_tiles():
     assert TileLayout.detect(idx[1:], (32, 64)) is None  # one entry missing
     assert TileLayout.detect(expand_tiles(torch.tensor([0]), (32, 64), 32), (32, 64)).t == 32
     assert TileLayout.detect(expand_tiles(torch.tensor([0]), (40, 40), 16), (40, 40)) is None  # sides not multiples
+
+
+@pytest.mark.parametrize("t", [16, 32])
+@pytest.mark.parametrize("tokens", [1, 127, 128, 129, 300])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_tile_sddmm_kernel_over_token_chunks_threads_and_strided_factors(t, tokens, threads):
+    """The compiled kernel walks tokens in chunks and shares tiles out over threads (more
+    threads than tiles included); factors may be row-strided views (ld > features)."""
+    if not native.available():
+        pytest.skip("the compiled kernel is not built here")
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = 64, 96
+    g = torch.randn(tokens, rows + 32, generator=gen)[:, 16:16 + rows]  # stride(0) = rows + 32
+    x = torch.randn(tokens, cols, generator=gen)
+    tile_ids = torch.tensor([0, 1, 5]) if t == 16 else torch.tensor([1, 4])
+    idx = expand_tiles(tile_ids, (rows, cols), t)
+    tiles = TileLayout.detect(idx, (rows, cols))
+    assert tiles.t == t
+    ref = (g.double().t() @ x.double()).reshape(-1)[idx.long()]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = tile_sddmm(g, x, tiles)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-5)

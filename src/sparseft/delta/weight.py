@@ -31,17 +31,24 @@ def effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.
 #   "inplace"  add the values into W itself, run the matmul, put the k original entries back
 #              (O(k); the originals are copied back, so W is restored bit for bit);
 #   "auto"     inplace at a low density, scratch above it.
-# Building W + S alone, 1 thread, CPU time (bench/bench_weight_modes.py, results/weight_modes.json),
-# at 0.1 / 1 / 3 / 10 % density: 384x384 inplace 31 / 44 / 68 / 123 us, scratch 55 / 59 / 62 / 78 us;
-# 1536x384 inplace 38 / 88 / 205 / 410 us, scratch 112 / 140 / 184 / 248 us. Crossover near 2-3 %.
+# Building W + S alone, 1 thread, CPU time (bench/bench_weight_modes.py). An earlier run
+# (results/weight_modes.json), at 0.1 / 1 / 3 / 10 % density: 384x384 inplace 31 / 44 / 68 / 123 us,
+# scratch 55 / 59 / 62 / 78 us; 1536x384 inplace 38 / 88 / 205 / 410 us, scratch 112 / 140 / 184 / 248 us.
+# On 2026-11-29 (a loaded 2-vCPU VM), 1536x384 at 1 / 2 / 3 / 5 %: inplace 105 / 170 / 275 / 418 us,
+# scratch 295 / 336 / 375 / 413 us; the crossover moved to ~5 %. A tile mask's entries come in runs
+# of t consecutive positions, which the index ops walk far faster: 1536x384 tile16 at 3 / 10 / 25 %,
+# inplace 70 / 251 / 598 us, scratch 278 / 347 / 445 us (crossover ~15 %).
 WEIGHT_MODES = ("auto", "inplace", "scratch", "clone")
 # "auto" takes "inplace" at or below this fraction of indexed entries, "scratch" above it.
-INPLACE_MAX_DENSITY = 0.02
+INPLACE_MAX_DENSITY = 0.04
+# The same for an index made of whole tiles (IndexLayout.tiles).
+INPLACE_MAX_DENSITY_TILES = 0.12
 _INPLACE_LOCK = threading.RLock()
 
 
-def resolve_weight_mode(mode: str, weight: torch.Tensor, num_entries: int) -> str:
-    """The concrete way to build W + S for one call (see ``WEIGHT_MODES``)."""
+def resolve_weight_mode(mode: str, weight: torch.Tensor, num_entries: int, tiled: bool = False) -> str:
+    """The concrete way to build W + S for one call (see ``WEIGHT_MODES``); ``tiled``: the
+    index is whole tiles."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
     if torch.is_grad_enabled() or type(weight.data) is not torch.Tensor or not weight.is_contiguous():
@@ -52,7 +59,8 @@ def resolve_weight_mode(mode: str, weight: torch.Tensor, num_entries: int) -> st
     if num_entries == weight.numel():
         return "clone"  # a full index: touching every entry anyway
     if mode == "auto":
-        return "inplace" if num_entries <= INPLACE_MAX_DENSITY * weight.numel() else "scratch"
+        limit = INPLACE_MAX_DENSITY_TILES if tiled else INPLACE_MAX_DENSITY
+        return "inplace" if num_entries <= limit * weight.numel() else "scratch"
     return mode
 
 
@@ -62,7 +70,7 @@ def with_effective_weight(weight: torch.Tensor, values: torch.Tensor, layout: In
     or a shared scratch buffer) and must return a fresh tensor."""
     if values.numel() == 0:
         return fn(weight.detach())
-    mode = resolve_weight_mode(mode, weight, values.numel())
+    mode = resolve_weight_mode(mode, weight, values.numel(), layout.tiles is not None)
     vals = values.detach().to(weight.dtype)
     if mode == "clone":
         return fn(effective_weight(weight, layout.indices, values))
