@@ -62,36 +62,59 @@ def load_model(name: str):
     return model.float().eval()
 
 
+def task_batches(ns):
+    """The default model as ``sparseft train --task rt-sentiment`` builds it, and its
+    calibration batches: the first ``--examples`` training examples in the seeded
+    calibration order, batched ``--batch-size`` at a time, truncated to ``--seq-len``."""
+    from sparseft.app.pretrained import load_classifier
+    from sparseft.app.prepare import calibration_batches
+    from sparseft.app.tasks import get_task, make_loader
+
+    if ns.model != "minilm" or ns.task != "rt-sentiment":
+        raise SystemExit("--task rt-sentiment runs on --model minilm")
+    task = get_task(ns.task, seed=0)
+    model, tokenizer, heads = load_classifier("default", task.num_labels)
+    loader = make_loader(task.train, tokenizer, ns.batch_size, ns.seq_len, shuffle=True, seed=0)
+    return model.float().eval(), calibration_batches(loader, ns.examples, ns.batch_size, 0), heads
+
+
 def worker(ns) -> dict:
     import torch
 
     import sparseft
     from sparseft.train import PeakMemory
 
+    torch.set_num_threads(ns.threads)
     torch.manual_seed(0)
-    model = load_model(ns.model)
+    heads = []
+    if ns.task:
+        model, batches, heads = task_batches(ns)
+    else:
+        model = load_model(ns.model)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        gen = torch.Generator().manual_seed(0)
+        batches = []
+        for start in range(0, ns.examples, ns.batch_size):
+            n = min(ns.batch_size, ns.examples - start)
+            ids = torch.randint(0, vocab, (n, ns.seq_len), generator=gen)
+            labels = ids if ns.model.startswith("smollm2") else torch.randint(0, 2, (n,), generator=gen)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     unique = {id(p): p for p in model.parameters()}
     model_mb = sum(p.numel() * 4 for p in unique.values()) / 2**20
-    vocab = model.get_input_embeddings().weight.shape[0]
-    gen = torch.Generator().manual_seed(0)
-    batches = []
-    for start in range(0, ns.examples, ns.batch_size):
-        n = min(ns.batch_size, ns.examples - start)
-        ids = torch.randint(0, vocab, (n, ns.seq_len), generator=gen)
-        labels = ids if ns.model.startswith("smollm2") else torch.randint(0, 2, (n,), generator=gen)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    cfg = sparseft.SparseConfig(method=ns.method, density=ns.density, selection=ns.selection,
-                                calibration=sparseft.CalibrationOptions(micro_batch=ns.micro_batch))
-    start = time.perf_counter()
+    micro = int(ns.micro_batch) if ns.micro_batch.isdigit() else ns.micro_batch
+    cfg = sparseft.SparseConfig(method=ns.method, density=ns.density, selection=ns.selection, modules_to_save=heads,
+                                calibration=sparseft.CalibrationOptions(micro_batch=micro))
+    start, cpu_start = time.perf_counter(), time.process_time()
     with PeakMemory() as mem:
         sparse = sparseft.get_sparse_model(model, cfg, calibration_data=batches)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
-        "model": ns.model, "method": ns.method, "density": ns.density, "selection": ns.selection,
-        "examples": ns.examples, "batch_size": ns.batch_size, "seq_len": ns.seq_len,
-        "calib_micro_batch": ns.micro_batch,
+        "model": ns.model, "task": ns.task, "method": ns.method, "density": ns.density, "selection": ns.selection,
+        "examples": sum(len(b["input_ids"]) for b in batches) if batches else 0, "batch_size": ns.batch_size,
+        "seq_len": ns.seq_len, "padded_seq_len": max((b["input_ids"].shape[1] for b in batches), default=0),
+        "calib_micro_batch": cfg.calibration.micro_batch,
         "entries": sparse.num_sparse_params(), "targeted_weights": sparse.num_targeted_weights(),
-        "seconds": round(seconds, 2), "rss_before_mb": round(mem.start_mb, 1),
+        "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "rss_before_mb": round(mem.start_mb, 1),
         "peak_mb": round(mem.peak_mb, 1), "extra_mb": round(mem.extra_mb, 1),
         "model_fp32_mb": round(model_mb, 1), "ratio": round(mem.extra_mb / model_mb, 3),
         "targeted_fp32_mb": round(sparse.num_targeted_weights() * 4 / 2**20, 1),
@@ -109,7 +132,12 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=1, help="SparseConfig.calibration.micro_batch")
+    p.add_argument("--micro-batch", default="1",
+                   help="SparseConfig.calibration.micro_batch: a number, or 'auto' (the library's default)")
+    p.add_argument("--task", choices=["rt-sentiment"],
+                   help="calibrate on this task's training examples (tokenized as `sparseft train` does, "
+                        "--seq-len = --max-length) instead of random token ids")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
     p.add_argument("--out", help="write the results as JSON here")
     ns = p.parse_args()
     if ns.method:

@@ -283,10 +283,22 @@ def test_grasp_select_in_groups_equals_topk_of_the_dense_scores(selection, fract
         assert [n for g in groups for n in g] == list(layers) and len(groups) > 1
         budget = sum(layer.weight.numel() for layer in layers.values()) // 20
         expected = select_topk(compute_scores("grasp", layers, model=model, data=batches), budget, selection)
-        got = grasp_select(layers, budget, selection, model=model, data=batches, group_fraction=fraction)
+        got = grasp_select(layers, budget, selection, model=model, data=batches, group_fraction=fraction,
+                           group_min_bytes=0)
         assert all(torch.equal(got[n], expected[n]) for n in layers), arch
         assert all(not layer.weight.requires_grad and layer.weight.grad is None for layer in layers.values())
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_grasp_groups_have_a_floor_in_bytes():
+    from sparseft.scoring import grasp_groups
+
+    model, _ = wrapped("bert")
+    layers = model.sparse_layers()
+    total = sum(layer.weight.numel() for layer in layers.values())
+    assert len(grasp_groups(layers, 0.125)) > 1
+    assert grasp_groups(layers, 0.125, min_bytes=4 * total) == [list(layers)]  # all of H g fits: one pass
+    assert grasp_groups(layers, 0.125, min_bytes=4 * total // 2) == grasp_groups(layers, 0.5)
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "2"])

@@ -18,9 +18,10 @@ def score_and_select(model: Any, data: Any = None, seed: int | None = None) -> d
     shapes = weight_shapes(layers)
     t = tile_side(cfg.granularity)
     if cfg.method == "grasp" and t > 1:  # tiles: each layer's scores pooled as they arrive
-        from ..scoring.grasp import grasp_groups, grasp_stream
+        from ..scoring.grasp import GROUP_FRACTION, GROUP_MIN_BYTES, grasp_groups, grasp_stream
 
-        stream = grasp_stream(layers, model, data, cfg.calibration.micro_batch, grasp_groups(layers, 0.125),
+        groups = grasp_groups(layers, GROUP_FRACTION, GROUP_MIN_BYTES)
+        stream = grasp_stream(layers, model, data, cfg.calibration.micro_batch, groups,
                               loss_fn=cfg.calibration.loss_fn)
         return select_tiles({n: pool_scores(s, shapes[n], t) for n, s in stream}, shapes, t, budget, cfg.selection)
     selector = registry.get(cfg.method).load_selector()

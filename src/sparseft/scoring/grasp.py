@@ -41,11 +41,20 @@ def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None
 
 
-def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1.0) -> list[list[str]]:
+# H g is computed for groups of consecutive layers, one pass over the calibration data per
+# group: a group holds at most GROUP_FRACTION of the targeted entries, or GROUP_MIN_BYTES of
+# float32 H g if that is more (a small model's whole H g is one group, one pass).
+GROUP_FRACTION = 0.125
+GROUP_MIN_BYTES = 48 * 2**20
+
+
+def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1.0,
+                 min_bytes: int = 0) -> list[list[str]]:
     """Consecutive layers (in order) in groups of at most ``max_fraction`` of all targeted
-    entries each (a larger layer gets a group of its own)."""
+    entries each, or of ``min_bytes`` of float32 entries if that is more (a larger layer
+    gets a group of its own)."""
     total = sum(layer.weight_numel for layer in layers.values())
-    cap = max_fraction * total
+    cap = max(max_fraction * total, min_bytes / 4)
     groups: list[list[str]] = [[]]
     size = 0
     for name, layer in layers.items():
@@ -58,15 +67,42 @@ def grasp_groups(layers: Mapping[str, SparseDeltaLayer], max_fraction: float = 1
     return groups
 
 
-class _DecomposedSiLU(TorchFunctionMode):
-    """Runs ``F.silu`` as x * sigmoid(x): aten's silu_backward has no forward-mode
-    derivative, sigmoid's backward has (equal up to rounding)."""
+class _ForwardModeFriendly(TorchFunctionMode):
+    """Runs two functions whose aten backward has a broken or missing forward-mode
+    derivative as the plain operations they are (equal up to rounding):
+
+    - ``F.silu`` as x * sigmoid(x): aten's silu_backward has no forward-mode derivative;
+    - ``F.mse_loss`` as the mean (or sum) of (input - target)^2: the forward-mode
+      derivative of aten's mse_loss_backward writes into the zero tangent of a target that
+      has none ("ZeroTensors are immutable"), so a model with a squared-error loss failed.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.nn.functional.silu:
             x = args[0] if args else kwargs["input"]
             return x * torch.sigmoid(x)
-        return func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.mse_loss and _plain_mse(args, kwargs):
+            names = ("input", "target", "size_average", "reduce", "reduction")
+            bound = {**dict(zip(names, args)), **kwargs}
+            squared = (bound["input"] - bound["target"]).square()
+            reduction = bound.get("reduction", "mean")
+            return squared.mean() if reduction == "mean" else squared.sum() if reduction == "sum" else squared
+        return func(*args, **kwargs)
+
+
+def _plain_mse(args: tuple, kwargs: dict) -> bool:
+    """An ``F.mse_loss`` call without the legacy size_average/reduce or a weight."""
+    return len(args) <= 2 and all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight")) \
+        and kwargs.get("reduction", "mean") in ("mean", "sum", "none")
+
+
+def _forward_mode_unavailable(err: Exception) -> bool:
+    """Whether ``err`` says that forward-mode AD cannot run some operation here: no
+    forward-mode derivative (NotImplementedError), or one that writes into an immutable
+    zero tangent (a PyTorch bug in some backward formulas; RuntimeError)."""
+    return isinstance(err, NotImplementedError) or (
+        isinstance(err, RuntimeError) and "ZeroTensors are immutable" in str(err))
 
 
 class _Accumulator:
@@ -328,7 +364,7 @@ def _hg_forward_over_reverse(model: nn.Module, layers: Mapping[str, SparseDeltaL
     module_names = {id(m): name for name, m in model.named_modules()}
     param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     in_group = set(group)
-    with dense_weights(model, layers) as weights, _DecomposedSiLU(), _no_kv_cache(model):
+    with dense_weights(model, layers) as weights, _ForwardModeFriendly(), _no_kv_cache(model):
         # Named after merging: a quantized base merges by swapping in a float layer.
         module_names = {id(m): name for name, m in model.named_modules()}
         param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
@@ -459,8 +495,8 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
                 with scoring_mode(model), sdpa_kernel([SDPBackend.MATH]):
                     run(model, layers, g, group, batches, micro_batch, acc, loss_fn)
                 break
-            except NotImplementedError as err:
-                if hg_method != "auto" or method != "forward-over-reverse":
+            except (NotImplementedError, RuntimeError) as err:
+                if hg_method != "auto" or method != "forward-over-reverse" or not _forward_mode_unavailable(err):
                     raise
                 warnings.warn(f"grasp: forward-mode AD is not available here ({err}); using double backward, "
                               "which keeps more activation memory", RuntimeWarning)
@@ -485,10 +521,11 @@ def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
 
 def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
                  model: nn.Module | None = None, data: Any = None, micro_batch: int | None = None,
-                 group_fraction: float = 0.125, loss_fn: LossFn | str | None = None) -> dict[str, torch.Tensor]:
+                 group_fraction: float = GROUP_FRACTION, loss_fn: LossFn | str | None = None,
+                 group_min_bytes: int = GROUP_MIN_BYTES) -> dict[str, torch.Tensor]:
     """The top-``budget`` grasp index sets, the same as ``select_topk(grasp_scores(...))``.
 
-    Layers are scored in groups of at most ``group_fraction`` of the targeted entries,
+    Layers are scored in groups (``grasp_groups(layers, group_fraction, group_min_bytes)``),
     and each group's scores go straight into a streaming top-k (``StreamingTopK``), so
     only g, one group's H g and the running candidates (8 bytes per entry, at most twice
     the budget) are held. When the budget exceeds an eighth of the targeted entries the
@@ -499,8 +536,8 @@ def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection:
         return select_topk(grasp_scores(layers, model, data, micro_batch, loss_fn=loss_fn), budget, selection,
                            consume=True)
     topk = StreamingTopK({n: layer.weight_numel for n, layer in layers.items()}, budget, selection)
-    for name, score in grasp_stream(layers, model, data, micro_batch, grasp_groups(layers, group_fraction),
-                                    loss_fn=loss_fn):
+    groups = grasp_groups(layers, group_fraction, group_min_bytes)
+    for name, score in grasp_stream(layers, model, data, micro_batch, groups, loss_fn=loss_fn):
         topk.add(name, score)
         del score
     return topk.result()
