@@ -14,7 +14,8 @@ from sparseft import SparseConfig, SparseModel, get_sparse_model
 from sparseft.config import DynamicOptions
 from sparseft.delta import SparseDeltaLayer
 from sparseft.methods import DynamicMask
-from sparseft.train import SparseCallback, TrainingArguments, create_optimizer, train
+from sparseft.callback import SparseCallback
+from sparseft.train import TrainingArguments, create_optimizer, train
 from test_train import tiny_bert, toy_batches
 
 

@@ -241,7 +241,8 @@ def test_id3_under_the_transformers_trainer(tmp_path):
     from transformers import Trainer
     from transformers import TrainingArguments as HFArgs
 
-    from sparseft.train import SparseCallback, create_optimizer
+    from sparseft.callback import SparseCallback
+    from sparseft.train import create_optimizer
 
     class Rows(torch.utils.data.Dataset):
         def __init__(self, rows):

@@ -7,7 +7,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
 from conftest import toy_batches as shared_toy_batches
-from sparseft.train import SparseCallback, TrainingArguments, create_optimizer, linear_schedule, train
+from sparseft.callback import SparseCallback
+from sparseft.train import TrainingArguments, create_optimizer, linear_schedule, train
 
 
 def tiny_bert(seed=0):

@@ -13,7 +13,7 @@ import sparseft
 from sparseft.model import CONFIG_NAME, WEIGHTS_NAME, SparseModel
 from sparseft.optim import SparseAdamW
 from sparseft.trainer import METHOD_STATE_JSON, SparseTrainer
-from sparseft.train import SparseCallback
+from sparseft.callback import SparseCallback
 
 CONFIGS = {
     "random-static": dict(method="random"),

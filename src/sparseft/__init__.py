@@ -5,7 +5,7 @@ from .delta import SparseDeltaLayer
 from .lr_rule import default_lr
 from .model import AdapterError, SparseModel, get_sparse_model
 from .optim import SparseAdamW
-from .train import SparseCallback, TrainingArguments, create_optimizer, train
+from .train import TrainingArguments, create_optimizer, train
 
 __all__ = [
     "AdapterError",
@@ -30,9 +30,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Imported on first use: transformers.Trainer pulls in accelerate and more.
+    # Imported on first use: transformers.Trainer pulls in accelerate, peft and more.
     if name == "SparseTrainer":
         from .trainer import SparseTrainer
 
         return SparseTrainer
+    if name == "SparseCallback":
+        from .callback import SparseCallback
+
+        return SparseCallback
     raise AttributeError(f"module 'sparseft' has no attribute {name!r}")

@@ -124,7 +124,10 @@ def save_peft(model: SparseModel, path: str | os.PathLike, base_model_name_or_pa
     Task heads (``modules_to_save``) go into peft's ``modules_to_save``. Index sets are
     padded with zero-valued entries to one common count per layer (``peft_padding``).
     """
-    from peft import SupertuningConfig
+    from .quant import quiet_bitsandbytes_import
+
+    with quiet_bitsandbytes_import():
+        from peft import SupertuningConfig
 
     problems = peft_export_problems(model)
     if problems:

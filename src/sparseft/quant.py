@@ -8,9 +8,10 @@ QLoRA trains on, and a model the user quantized with bitsandbytes is accepted as
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -27,20 +28,30 @@ class QuantizationUnavailable(ImportError):
     """bitsandbytes is not installed."""
 
 
-def _bnb():
-    """bitsandbytes, imported quietly (it logs about optional GPU/CPU kernel packages)."""
-    if "bitsandbytes" in sys.modules:
-        return sys.modules["bitsandbytes"]
+@contextlib.contextmanager
+def quiet_bitsandbytes_import() -> Iterator[None]:
+    """Within the block, importing bitsandbytes (directly, or through peft, which imports it
+    whenever it is installed) logs nothing below errors: on a CPU with AVX512-BF16 it warns
+    at import about an optional kernels package, which no run here needs."""
     log = logging.getLogger("bitsandbytes")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _bnb():
+    """bitsandbytes, imported on first use (only a quantized base needs it), quietly."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    try:
+        with quiet_bitsandbytes_import():
+            import bitsandbytes
     except ImportError:
         raise QuantizationUnavailable(
             "a quantized base needs bitsandbytes: pip install 'sparseft[quant]'") from None
-    finally:
-        log.setLevel(level)
     return bitsandbytes
 
 

@@ -17,12 +17,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer
-from transformers.utils import can_return_loss, find_labels
 
+from .callback import SparseCallback
 from .model import AdapterError, SparseModel, _load_tensors, read_adapter
 from .optim import SparseAdamW
-from .train import SparseCallback, create_optimizer
+from .quant import quiet_bitsandbytes_import
+from .train import create_optimizer
+
+with quiet_bitsandbytes_import():  # transformers.Trainer imports peft, which imports bitsandbytes
+    from transformers import Trainer
+    from transformers.utils import can_return_loss, find_labels
 
 METHOD_STATE_JSON = "sparseft_method_state.json"
 METHOD_STATE_TENSORS = "sparseft_method_state.safetensors"

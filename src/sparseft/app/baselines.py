@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import quant
 from ..config import QUANTIZE_FORMATS, ConfigError
 from ..delta import linear_shape
 from ..inject import find_target_modules, output_head_names
@@ -104,7 +105,8 @@ def resolve_density(cfg: BaselineConfig, shapes: dict[str, tuple[int, int]]) -> 
 
 def _peft():
     try:
-        import peft
+        with quant.quiet_bitsandbytes_import():  # peft imports bitsandbytes whenever it is installed
+            import peft
     except ImportError:
         raise ConfigError("the LoRA/SHiRA/Super-Tuning baselines need peft: pip install 'sparseft[baselines]'") from None
     return peft
