@@ -4,7 +4,17 @@
         --examples 16 --batch-size 8 --seq-len 128 --micro-batch 1 --out bench/results/selection_smollm2.json
 
 The calibration batches (``--batch-size`` examples of ``--seq-len`` tokens) are scored in
-micro-batches of ``--micro-batch`` examples (``SparseConfig.calibration.micro_batch``).
+micro-batches of ``--micro-batch`` examples (``SparseConfig.calibration.micro_batch``, a
+number or ``auto``). With ``--task rt-sentiment`` (``--model minilm``) they are the task's
+training examples in the seeded calibration order, tokenized as ``sparseft train`` does:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_selection.py --model minilm --task rt-sentiment \
+        --methods gradient,magnitude,grasp --density 0.005 --examples 64 --batch-size 32 --seq-len 64 \
+        --micro-batch auto --machine "..." --out selection.json
+
+Time: ``seconds`` (wall) and ``cpu_seconds`` (the process's CPU time, which a shared
+machine's other jobs do not inflate; with one thread it is what a quiet machine's wall
+time would be).
 
 Memory: the worker loads the model, builds the calibration batches, then resets the
 kernel's peak-RSS mark (``/proc/self/clear_refs``) and reads ``VmHWM`` after
@@ -108,11 +118,21 @@ def worker(ns) -> dict:
     with PeakMemory() as mem:
         sparse = sparseft.get_sparse_model(model, cfg, calibration_data=batches)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    resolved = micro
+    from sparseft import registry
+
+    if micro == "auto" and registry.get(ns.method).needs_calibration:  # what auto chose (after the timing)
+        from sparseft.scoring.calibration import resolve_micro_batch
+        from sparseft.scoring.grasp import SECOND_ORDER_FACTOR
+
+        budget = cfg.calibration.memory_mb / (SECOND_ORDER_FACTOR if ns.method == "grasp" else 1)
+        resolved = 1 if ns.method == "fisher" else resolve_micro_batch(sparse, batches, "auto", budget)
     return {
         "model": ns.model, "task": ns.task, "method": ns.method, "density": ns.density, "selection": ns.selection,
         "examples": sum(len(b["input_ids"]) for b in batches) if batches else 0, "batch_size": ns.batch_size,
         "seq_len": ns.seq_len, "padded_seq_len": max((b["input_ids"].shape[1] for b in batches), default=0),
-        "calib_micro_batch": cfg.calibration.micro_batch,
+        "calib_micro_batch": cfg.calibration.micro_batch, "micro_batch_used": resolved,
+        "calib_memory_mb": cfg.calibration.memory_mb,
         "entries": sparse.num_sparse_params(), "targeted_weights": sparse.num_targeted_weights(),
         "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "rss_before_mb": round(mem.start_mb, 1),
         "peak_mb": round(mem.peak_mb, 1), "extra_mb": round(mem.extra_mb, 1),
@@ -139,6 +159,7 @@ def main() -> None:
                         "--seq-len = --max-length) instead of random token ids")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--machine", help="name the machine: --out then holds {date, machine, command, results}")
     ns = p.parse_args()
     if ns.method:
         print("RESULT " + json.dumps(worker(ns)), flush=True)
@@ -151,10 +172,10 @@ def main() -> None:
             if skip:
                 skip = False
                 continue
-            if a in ("--methods", "--out"):
+            if a in ("--methods", "--out", "--machine"):
                 skip = True
                 continue
-            if a.startswith("--methods=") or a.startswith("--out="):
+            if a.startswith(("--methods=", "--out=", "--machine=")):
                 continue
             args.append(a)
         cmd = [sys.executable, __file__, "--method", method] + args
@@ -168,7 +189,11 @@ def main() -> None:
         print(json.dumps(result), flush=True)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(results, indent=2) + "\n")
+        payload = results
+        if ns.machine:  # a dated report: where it ran and how to run it again
+            payload = {"date": time.strftime("%Y-%m-%d"), "machine": ns.machine,
+                       "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(sys.argv), "results": results}
+        Path(ns.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -393,3 +393,62 @@ def test_calibration_shows_progress_over_its_batches(capsys, monkeypatch):
     get_sparse_model(build_bert(), SparseConfig(method="gradient", density=0.05), calibration_data=batches)
     err = capsys.readouterr().err
     assert "calibration" in err and f"0/{len(batches)} " in err
+
+
+# ------------------------------------------------------------------ micro-batch from a memory budget
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_auto_micro_batch_keeps_the_scores_of_micro_batch_one(arch):
+    model, _ = wrapped(arch)
+    batches = calib_batches(arch)
+    layers = model.sparse_layers()
+    one = compute_scores("snip", layers, model=model, data=batches, micro_batch=1)
+    for budget in (1e-6, 1e-3, 1e3):  # every example alone, some together, whole batches
+        auto = compute_scores("snip", layers, model=model, data=batches, micro_batch="auto", memory_mb=budget)
+        assert_scores_close(auto, [one[n] for n in model.target_names], model.target_names, rtol=1e-4,
+                            atol_frac=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_auto_micro_batch_keeps_its_activations_within_the_budget(arch):
+    from sparseft.scoring.calibration import resolve_micro_batch, saved_activation_bytes, split_examples
+
+    model, _ = wrapped(arch)
+    batches = [calib_batches(arch)[1]] * 2 + [make_batch(batch=6, seq=9, seed=3)]  # the last: the longest
+    if arch == "bert":
+        batches[2]["labels"] = torch.arange(6) % 3
+    else:
+        batches[2]["labels"] = batches[2]["input_ids"].masked_fill(batches[2]["attention_mask"] == 0, -100)
+    longest = batches[2]
+    per_example = saved_activation_bytes(model, next(split_examples(longest)))
+    assert per_example > 0
+    assert resolve_micro_batch(model, batches, 5) == 5  # a number is kept
+    assert resolve_micro_batch(model, batches, "auto", memory_mb=1e-6) == 1
+    assert resolve_micro_batch(model, batches, "auto", memory_mb=1e3) == 6  # at most the largest batch
+    for k in (2, 3, 4):
+        budget_mb = (k + 0.5) * per_example / 2**20
+        assert resolve_micro_batch(model, batches, "auto", memory_mb=budget_mb) == k
+        # the bound docs/scoring.md states: a micro-batch of k of the longest examples keeps at most the budget
+        piece = {key: v[:k] for key, v in longest.items()}
+        assert saved_activation_bytes(model, piece) <= budget_mb * 2**20
+
+
+def test_auto_is_the_default_and_grasp_takes_a_quarter_of_the_budget(monkeypatch):
+    from sparseft.scoring import grasp
+    from sparseft.scoring.calibration import saved_activation_bytes, split_examples
+
+    assert SparseConfig().calibration.micro_batch == "auto"
+    assert CalibrationOptions(micro_batch="auto", memory_mb=64).memory_mb == 64
+    with pytest.raises(ConfigError, match="memory_mb"):
+        CalibrationOptions(memory_mb=0)
+    model, _ = wrapped("bert")
+    batches = calib_batches("bert")
+    per_example = saved_activation_bytes(model, next(split_examples(batches[1])))
+    seen = []
+    real = grasp._pieces
+    monkeypatch.setattr(grasp, "_pieces", lambda m, b, micro: seen.append(micro) or real(m, b, micro))
+    one = grasp.grasp_scores(model.sparse_layers(), model=model, data=batches, micro_batch=1)
+    # a first-order budget of 8.5 examples: grasp takes a quarter of it, 2 examples per pass
+    auto = grasp.grasp_scores(model.sparse_layers(), model=model, data=batches, micro_batch="auto",
+                              memory_mb=8.5 * per_example / 2**20)
+    assert seen[-1] == 2
+    assert_scores_close(auto, [one[n] for n in model.target_names], model.target_names, rtol=1e-4, atol_frac=1e-5)

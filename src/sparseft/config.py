@@ -44,6 +44,8 @@ DEFAULT_DENSITY = 0.01
 # code is not saved. An adapter records its target names itself, so loading one works;
 # building a new sparse model from such a config needs the callable passed again.
 CALLABLE = "callable"
+# calibration.micro_batch chosen from calibration.memory_mb (scoring.calibration.resolve_micro_batch)
+AUTO_MICRO_BATCH = "auto"
 
 TargetFilter = Callable[[Any, str], bool]
 LossFn = Callable[[Any, Any], Any]
@@ -68,10 +70,13 @@ class CalibrationOptions:
 
     examples: int = _help("calibration examples (the application takes the first N of the training split in "
                           "a seeded order, capped by its size)", default=1024)
-    micro_batch: int = _help("examples per forward/backward pass while scoring: each calibration batch runs in "
-                             "micro-batches of at most this many, weighted so that the gradient is the batch's "
-                             "own (selection memory does not grow with the batch size; fisher always uses 1)",
-                             default=1)
+    micro_batch: Union[int, str] = _help(
+        "examples per forward/backward pass while scoring: each calibration batch runs in micro-batches of at most "
+        "this many, weighted so that the gradient is the batch's own (selection memory does not grow with the "
+        "batch size; fisher always uses 1). 'auto': as many as fit in memory_mb of activations, measured on one "
+        "example of the longest calibration batch (grasp: 1)", default="auto")
+    memory_mb: float = _help("with micro_batch='auto': the activations (tensors autograd saves for the backward "
+                             "pass) one micro-batch may hold, in MiB", default=256.0)
     loss_fn: Union[LossFn, str, None] = _help(
         "loss_fn(model, batch) -> scalar loss, for models whose forward does not return .loss "
         "(default: model(**batch).loss). Not saved: a saved config holds 'callable'", default=None)
@@ -80,8 +85,11 @@ class CalibrationOptions:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("examples", "micro_batch"):
-            _positive_int("calibration.", name, getattr(self, name))
+        _positive_int("calibration.", "examples", self.examples)
+        if self.micro_batch != AUTO_MICRO_BATCH:
+            _positive_int("calibration.", "micro_batch", self.micro_batch)
+        if not _number(self.memory_mb) or not self.memory_mb > 0:
+            raise ConfigError(f"calibration.memory_mb must be a positive number, got {self.memory_mb!r}")
         if not (self.loss_fn is None or self.loss_fn == CALLABLE or callable(self.loss_fn)):
             raise ConfigError(f"calibration.loss_fn must be a callable (model, batch) -> loss, got {self.loss_fn!r}")
 

@@ -74,7 +74,7 @@ def _training_time(name: str, description: str, cls: str, **caps: Any) -> Method
     return MethodSpec(name, TRAINING_TIME, description, f"sparseft.methods.{cls}", **caps)
 
 
-_CALIBRATION = ("calibration.examples", "calibration.micro_batch", "calibration.loss_fn")
+_CALIBRATION = ("calibration.examples", "calibration.micro_batch", "calibration.memory_mb", "calibration.loss_fn")
 _D3 = ("id3.d3_epsilon", "id3.d3_exponent")
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (

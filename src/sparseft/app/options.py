@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import __version__
 from .. import registry
-from ..config import (DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, QUANTIZE_FORMATS, CalibrationOptions, ConfigError,
+from ..config import (AUTO_MICRO_BATCH, DEFAULT_DENSITY, DROP_POLICIES, GRANULARITIES, QUANTIZE_FORMATS, CalibrationOptions, ConfigError,
                       DynamicOptions, GrowDropOptions, ID3Options, SparseConfig)
 from ..train import TrainingArguments
 from .baselines import BASELINE_METHODS, BaselineConfig
@@ -142,10 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "order, capped by its size; causal LMs: training sequences)")
     m.add_argument("--calib-batch-size", type=int,
                    help="batch size of the calibration batches (default: --batch-size)")
-    m.add_argument("--calib-micro-batch", type=int, default=1,
+    m.add_argument("--calib-micro-batch", type=_micro_batch, default=AUTO_MICRO_BATCH, metavar="N|auto",
                    help="examples per forward/backward pass while scoring: calibration batches are split into "
-                        "micro-batches of at most this many examples, weighted to give the same gradient; selection "
-                        "memory is the score buffers plus one micro-batch's activations (fisher always uses 1)")
+                        "micro-batches of at most this many examples, weighted to give the same gradient. auto: as "
+                        "many as keep one micro-batch's activations within --calib-memory-mb, measured on one example "
+                        "of the longest calibration batch (grasp: 1; fisher always uses 1). Selection memory is the "
+                        "score buffers plus one micro-batch's activations (docs/scoring.md)")
+    m.add_argument("--calib-memory-mb", type=float, default=256.0,
+                   help="with --calib-micro-batch auto: the activations one micro-batch may keep for its backward "
+                        "pass, in MiB")
     m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
     m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
     m.add_argument("--schedule", default="static", choices=list(registry.SCHEDULES),
@@ -236,6 +241,16 @@ def task_options(ns: argparse.Namespace) -> TaskOptions:
     )
 
 
+def _micro_batch(value: str) -> int | str:
+    """``--calib-micro-batch``: 'auto' or a number (checked by CalibrationOptions)."""
+    if value == AUTO_MICRO_BATCH:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
 def _targets(value: str):
     if value == "all-linear" or "," not in value and any(c in value for c in "^$*+?[](){}|\\"):
         return value
@@ -260,7 +275,8 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
         target_modules=_targets(ns.target_modules), selection=ns.selection, granularity=ns.granularity,
         magnitude_order=ns.magnitude_order, seed=ns.seed, train_bias=ns.train_bias,
         schedule=ns.schedule,
-        calibration=CalibrationOptions(examples=ns.calib_examples, micro_batch=ns.calib_micro_batch),
+        calibration=CalibrationOptions(examples=ns.calib_examples, micro_batch=ns.calib_micro_batch,
+                                       memory_mb=ns.calib_memory_mb),
         dynamic=DynamicOptions(update_every=ns.update_every, score_window=ns.score_window, drop_policy=ns.drop_policy),
         id3=ID3Options(unmask_every=ns.unmask_every, d3_epsilon=ns.d3_epsilon, d3_exponent=ns.d3_exponent),
         grow_drop=GrowDropOptions(every=ns.grow_drop_every, fraction=ns.grow_drop_fraction, score_window=ns.score_window),

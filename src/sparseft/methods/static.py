@@ -22,16 +22,16 @@ def score_and_select(model: Any, data: Any = None, seed: int | None = None) -> d
 
         groups = grasp_groups(layers, GROUP_FRACTION, GROUP_MIN_BYTES)
         stream = grasp_stream(layers, model, data, cfg.calibration.micro_batch, groups,
-                              loss_fn=cfg.calibration.loss_fn)
+                              loss_fn=cfg.calibration.loss_fn, memory_mb=cfg.calibration.memory_mb)
         return select_tiles({n: pool_scores(s, shapes[n], t) for n, s in stream}, shapes, t, budget, cfg.selection)
     selector = registry.get(cfg.method).load_selector()
     if selector is not None:  # e.g. grasp: scored group by group into a streaming top-k (less memory)
         return selector(layers, budget, cfg.selection, model=model, data=data, micro_batch=cfg.calibration.micro_batch,
-                        loss_fn=cfg.calibration.loss_fn)
+                        loss_fn=cfg.calibration.loss_fn, memory_mb=cfg.calibration.memory_mb)
     scores = compute_scores(
         cfg.method, layers, model=model, data=data, seed=cfg.seed if seed is None else seed,
         order=cfg.magnitude_order, d3_epsilon=cfg.id3.d3_epsilon, d3_exponent=cfg.id3.d3_exponent,
-        micro_batch=cfg.calibration.micro_batch, loss_fn=cfg.calibration.loss_fn,
+        micro_batch=cfg.calibration.micro_batch, loss_fn=cfg.calibration.loss_fn, memory_mb=cfg.calibration.memory_mb,
     )
     return select_entries(scores, shapes, budget, cfg.selection, cfg.granularity, consume=True)
 

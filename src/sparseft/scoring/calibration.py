@@ -10,7 +10,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..delta import SparseDeltaLayer
-from ..config import CALLABLE
+from ..config import AUTO_MICRO_BATCH, CALLABLE
 from ..distributed import all_reduce_mean_, full_tensor, is_main_process
 
 Batch = Mapping[str, Any]
@@ -141,6 +141,53 @@ def micro_batches(model: nn.Module, batch: Batch, size: int | None) -> Iterator[
             yield piece, count / total
 
 
+def _example_size(batch: Batch) -> int:
+    """Elements per example across the batch's tensors (its padded length, in effect)."""
+    n = batch_size(batch)
+    return sum(v.numel() // n for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n)
+
+
+def saved_activation_bytes(model: nn.Module, batch: Batch, loss_fn: LossFn | str | None = None) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one forward pass over
+    ``batch`` (each storage counted once; the model's own parameters and buffers, which
+    are kept anyway, not counted): the activation memory its backward pass needs."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no plain storage (e.g. a sparse tensor)
+            seen[id(t)] = t.numel() * t.element_size()
+            return t
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with scoring_mode(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model, _to_device(batch, _model_device(model)), loss_fn)
+    del loss
+    return sum(seen.values())
+
+
+def resolve_micro_batch(model: nn.Module, batches: list[Batch], micro_batch: int | str | None,
+                        memory_mb: float = 256.0, loss_fn: LossFn | str | None = None) -> int | None:
+    """``micro_batch`` itself, or for ``"auto"`` the most examples whose activations fit in
+    ``memory_mb``: one example of the longest calibration batch (by padded size) runs
+    forward, ``saved_activation_bytes`` measures it, and the budget divided by that, at
+    least 1, at most the largest batch, is the micro-batch. Activations grow linearly with
+    the examples of a micro-batch, so each micro-batch's backward keeps at most about
+    ``memory_mb`` (the longest batch's examples are the largest)."""
+    if micro_batch != AUTO_MICRO_BATCH:
+        return micro_batch
+    largest = max(batch_size(b) for b in batches)
+    if largest == 1:
+        return 1
+    probe = next(split_examples(max(batches, key=_example_size)))
+    per_example = max(1, saved_activation_bytes(model, probe, loss_fn))
+    return max(1, min(largest, int(memory_mb * 2**20 // per_example)))
+
+
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) and untouched ``.grad`` of every parameter, restored after."""
@@ -231,13 +278,16 @@ def _backward_to_values(loss: torch.Tensor, layers: Mapping[str, SparseDeltaLaye
 
 
 def mean_gradient(model: nn.Module, layers: Mapping[str, SparseDeltaLayer], batches: list[Batch],
-                  micro_batch: int | None = None, loss_fn: LossFn | str | None = None) -> GradientSum:
+                  micro_batch: int | str | None = None, loss_fn: LossFn | str | None = None,
+                  memory_mb: float = 256.0) -> GradientSum:
     """g = sum_b (n_b / N) grad L_b: the example-weighted mean gradient of the loss.
 
     With ``micro_batch``, each batch runs in pieces of at most that many examples,
     weighted so that their sum is the batch's gradient (``micro_batches``): the same g,
-    with the activations of one piece alive at a time.
+    with the activations of one piece alive at a time. ``"auto"``: as many examples as
+    fit in ``memory_mb`` of activations (``resolve_micro_batch``).
     """
+    micro_batch = resolve_micro_batch(model, batches, micro_batch, memory_mb, loss_fn)
     acc = GradientSum()
     total = sum(batch_size(b) for b in batches)
     device = _model_device(model)

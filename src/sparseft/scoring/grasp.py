@@ -15,7 +15,7 @@ from ..delta import SparseDeltaLayer
 from ..distributed import all_reduce_mean_
 from ..select import StreamingTopK, select_topk
 from .calibration import (Batch, LossFn, _loss, _model_device, _to_device, _weight, batch_size, calibration_batches,
-                          functional_loss, mean_gradient, micro_batches, scoring_mode)
+                          functional_loss, mean_gradient, micro_batches, resolve_micro_batch, scoring_mode)
 
 
 @contextlib.contextmanager
@@ -45,6 +45,9 @@ def _drop_grad(p: torch.Tensor) -> None:
 # group: a group holds at most GROUP_FRACTION of the targeted entries, or GROUP_MIN_BYTES of
 # float32 H g if that is more (a small model's whole H g is one group, one pass).
 GROUP_FRACTION = 0.125
+# calibration.micro_batch="auto": grasp's micro-batch holds this fraction of the
+# first-order activation budget (calibration.resolve_micro_batch).
+SECOND_ORDER_FACTOR = 4
 GROUP_MIN_BYTES = 48 * 2**20
 
 
@@ -458,7 +461,8 @@ HG_METHODS = ("auto", "forward-over-reverse", "double-backward")
 
 def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
                  micro_batch: int | None = None, groups: list[list[str]] | None = None,
-                 hg_method: str = "auto", loss_fn: LossFn | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 hg_method: str = "auto", loss_fn: LossFn | str | None = None,
+                 memory_mb: float = 256.0) -> Iterator[tuple[str, torch.Tensor]]:
     """GraSP scores, w * (H g), yielded layer by layer (in layer order, group by group).
 
     g (the mean gradient, one float32 buffer per targeted layer) comes first. Then, for
@@ -476,6 +480,9 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
     if hg_method not in HG_METHODS:
         raise ValueError(f"hg_method={hg_method!r}; choose one of {', '.join(HG_METHODS)}")
     batches = calibration_batches(data, "grasp")
+    # The activation count is a first-order pass's; the second-order pass keeps tangents
+    # beside the values (a whole-model pass about 4x the activations), hence a quarter.
+    micro_batch = resolve_micro_batch(model, batches, micro_batch, memory_mb / SECOND_ORDER_FACTOR, loss_fn)
     names = list(layers)
     groups = groups or [names]
     if [n for grp in groups for n in grp] != names:
@@ -511,18 +518,19 @@ def grasp_stream(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None
 
 
 def grasp_scores(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-                 micro_batch: int | None = None, hg_method: str = "auto", loss_fn: LossFn | str | None = None,
-                 **_: object) -> dict[str, torch.Tensor]:
+                 micro_batch: int | str | None = None, hg_method: str = "auto", loss_fn: LossFn | str | None = None,
+                 memory_mb: float = 256.0, **_: object) -> dict[str, torch.Tensor]:
     """GraSP as in SPEFT: w * (H g), with g the mean gradient and H the Hessian of the
     mean loss (``grasp_stream`` with one group: g and H g of every layer held at once).
     ``grasp_select`` chooses the same index sets with less memory."""
-    return dict(grasp_stream(layers, model, data, micro_batch, hg_method=hg_method, loss_fn=loss_fn))
+    return dict(grasp_stream(layers, model, data, micro_batch, hg_method=hg_method, loss_fn=loss_fn,
+                             memory_mb=memory_mb))
 
 
 def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection: str = "global",
                  model: nn.Module | None = None, data: Any = None, micro_batch: int | None = None,
                  group_fraction: float = GROUP_FRACTION, loss_fn: LossFn | str | None = None,
-                 group_min_bytes: int = GROUP_MIN_BYTES) -> dict[str, torch.Tensor]:
+                 group_min_bytes: int = GROUP_MIN_BYTES, memory_mb: float = 256.0) -> dict[str, torch.Tensor]:
     """The top-``budget`` grasp index sets, the same as ``select_topk(grasp_scores(...))``.
 
     Layers are scored in groups (``grasp_groups(layers, group_fraction, group_min_bytes)``),
@@ -533,11 +541,11 @@ def grasp_select(layers: Mapping[str, SparseDeltaLayer], budget: int, selection:
     """
     total = sum(layer.weight_numel for layer in layers.values())
     if budget * 8 > total:
-        return select_topk(grasp_scores(layers, model, data, micro_batch, loss_fn=loss_fn), budget, selection,
-                           consume=True)
+        return select_topk(grasp_scores(layers, model, data, micro_batch, loss_fn=loss_fn, memory_mb=memory_mb),
+                           budget, selection, consume=True)
     topk = StreamingTopK({n: layer.weight_numel for n, layer in layers.items()}, budget, selection)
     groups = grasp_groups(layers, group_fraction, group_min_bytes)
-    for name, score in grasp_stream(layers, model, data, micro_batch, groups, loss_fn=loss_fn):
+    for name, score in grasp_stream(layers, model, data, micro_batch, groups, loss_fn=loss_fn, memory_mb=memory_mb):
         topk.add(name, score)
         del score
     return topk.result()

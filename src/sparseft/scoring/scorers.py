@@ -65,9 +65,9 @@ def scores_from_gradient(method: str, layers: Mapping[str, SparseDeltaLayer], gr
 
 def _gradient_scorer(method: str) -> ScoreFn:
     def scorer(layers: Mapping[str, SparseDeltaLayer], model: nn.Module | None = None, data: Any = None,
-               d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, micro_batch: int | None = None,
-               loss_fn: LossFn | str | None = None, **_: object) -> dict[str, torch.Tensor]:
-        grads = mean_gradient(model, layers, calibration_batches(data, method), micro_batch, loss_fn)
+               d3_epsilon: float = 1e-3, d3_exponent: float = 0.0, micro_batch: int | str | None = None,
+               loss_fn: LossFn | str | None = None, memory_mb: float = 256.0, **_: object) -> dict[str, torch.Tensor]:
+        grads = mean_gradient(model, layers, calibration_batches(data, method), micro_batch, loss_fn, memory_mb)
         return scores_from_gradient(method, layers, grads, d3_epsilon, d3_exponent)
 
     scorer.__name__ = f"{method}_scores"
