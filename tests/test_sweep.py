@@ -79,6 +79,19 @@ def test_default_rate_is_compared_with_the_best_rate_tried_paired_by_seed():
     assert same["best_lr"] == 0.01 and same["diff_mean"] == 0
 
 
+def test_best_rate_is_judged_on_the_seeds_every_rate_ran():
+    from sparseft.app.plot import best_rate, summarize
+
+    def row(lr, seed, val):
+        return {"task": "t", "method": "lora", "budget": "r4", "lr": lr, "lr_given": lr, "seed": seed,
+                "score": val, "validation_score": val, "trainable_params": 10}
+    # 0.004 won the sweep (seed 0); its later seeds scored lower, which must not hand the pick to 0.001
+    rows = [row(0.001, 0, 0.96), row(0.004, 0, 0.98), row(0.004, 1, 0.94), row(0.004, 2, 0.93)]
+    assert best_rate({0.001: {0: rows[0]}, 0.004: {s: r for s, r in zip((0, 1, 2), rows[1:])}}) == 0.004
+    (entry,) = summarize(rows)
+    assert entry["lr"] == 0.004 and entry["seeds"] == 3
+
+
 def test_bad_grid_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "g.json").write_text(json.dumps({"methods": ["random"], "budgets": [{"rank": 3}]}))
     assert main(["sweep", str(tmp_path / "g.json")]) == 2

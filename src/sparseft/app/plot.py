@@ -52,13 +52,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(row.get("task"), series(row), row.get("budget", ""))][row.get("lr")].append(row)
     out = []
     for (task, method, budget), by_lr in groups.items():
-        higher = next(iter(by_lr.values()))[0].get("higher_is_better", True)
-
-        def key(item):
-            mean = statistics.fmean(r.get("validation_score", r["score"]) for r in item[1])
-            return mean if higher else -mean
-
-        lr, runs = max(by_lr.items(), key=key)
+        lr = best_rate({rate: {r.get("seed"): r for r in runs} for rate, runs in by_lr.items()})
+        runs = by_lr[lr]
+        higher = runs[0].get("higher_is_better", True)
         scores = [r["score"] for r in runs]
         out.append({
             "task": task, "method": method, "budget": budget, "lr": lr, "lrs_tried": sorted(x for x in by_lr if x is not None),
@@ -73,6 +69,23 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "scores_by_seed": {r.get("seed"): r["score"] for r in runs},
         })
     return sorted(out, key=lambda e: (str(e["task"]), e["method"], e["trainable_params"]))
+
+
+def best_rate(by_rate: dict[Any, dict[Any, dict[str, Any]]]) -> Any:
+    """The rate with the best mean validation score, {rate: {seed: row}} -> rate.
+
+    Rates are compared on the seeds every one of them ran (the sweep's seeds), so a rate
+    that also ran more seeds later is not judged on a different sample; without a seed in
+    common, on all of each rate's seeds."""
+    common = set.intersection(*(set(runs) for runs in by_rate.values()))
+    higher = next(iter(next(iter(by_rate.values())).values())).get("higher_is_better", True)
+
+    def mean_validation(rate):
+        runs = by_rate[rate]
+        rows = [runs[s] for s in common] if common else list(runs.values())
+        mean = statistics.fmean(r.get("validation_score", r["score"]) for r in rows)
+        return mean if higher else -mean
+    return max(by_rate, key=mean_validation)
 
 
 def series(row: dict[str, Any]) -> str:
@@ -115,12 +128,7 @@ def default_vs_tuned(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for key, default_runs in defaults.items():
         by_lr = by_group[key]
-        higher = next(iter(default_runs.values())).get("higher_is_better", True)
-        sign = 1 if higher else -1
-
-        def val(lr):
-            return sign * statistics.fmean(r.get("validation_score", r["score"]) for r in by_lr[lr].values())
-        best = max(by_lr, key=val)
+        best = best_rate(by_lr)
         default_lr = next(iter(default_runs.values()))["lr"]
         seeds = sorted(set(default_runs) & set(by_lr[best]), key=str)
         if not seeds:
