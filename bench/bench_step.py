@@ -25,6 +25,12 @@ SmolLM2-135M causal LM (next-token loss on the batch itself). ``minilm-random``,
 Llama-3.2-1B-shaped decoder) from their configs with random weights: step time does not
 depend on the weights' values, and they need no model package (e.g. on a GPU machine).
 
+``--compile MODE`` runs every setup's model through ``torch.compile(model, mode=MODE)``
+(optimizer steps stay eager). On CUDA, ``reduce-overhead`` captures the compiled forward and
+backward as CUDA graphs (a static mask's step has static shapes); the sparse layers enter
+the graph as sparseft's custom ops (``delta/function.py``). Under compile a tile mask's
+values' gradient takes the entry SDDMM path (the ops carry no tile coordinates).
+
 Setups are interleaved round-robin after a warm-up, so the ratios come from one stretch of
 machine time. On CUDA every step is bracketed by ``torch.cuda.synchronize()``.
 
@@ -37,6 +43,8 @@ Reproduce::
     python bench/bench_step.py --reps 6 --out bench/results/step_minilm.json
     python bench/bench_step.py --memory --out bench/results/step_minilm_memory.json
     python bench/bench_step.py --model smollm2-random --device cuda --dtype bf16 --batch 8 --seq 256 --reps 20
+    python bench/bench_step.py --model llama-1b-random --device cuda --dtype bf16 --batch 4 --seq 512 \
+        --compile reduce-overhead --setups floor,lora,sparse --reps 10 --warmup 4
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_step.py --threads 1 --clock cpu --reps 8 --warmup 2 \
         --setups floor,sparse,tile16,tile32,lora --out bench/results/2026-11-29/step_minilm_tiles_cpu1.json
 """
@@ -206,16 +214,27 @@ def make_step(model, optimizer, uses_embeds: bool, batch: dict):
     return step
 
 
+def compiled(built: tuple, mode: str, backend: str = "inductor") -> tuple:
+    """(model, optimizer, uses_embeds) with the model run through torch.compile."""
+    model, optimizer, uses_embeds = built
+    options = {"mode": mode} if backend == "inductor" else {}
+    return torch.compile(model, backend=backend, **options), optimizer, uses_embeds
+
+
 def run_timing(args) -> dict:
     batch = batch_from_args(args)
     built = {s: build_from_args(s, args) for s in args.setups}
     for model, _, _ in built.values():
         train_without_dropout(model)
+    if getattr(args, "compile", None):
+        built = {s: compiled(b, args.compile, args.compile_backend) for s, b in built.items()}
     steps = {s: make_step(*built[s], batch) for s in args.setups}
     times = {s: [] for s in args.setups}
     for rep in range(args.warmup + args.reps):
         for s in args.setups:
             synchronize(args.device)
+            if getattr(args, "compile", None):
+                torch.compiler.cudagraph_mark_step_begin()  # the setups' CUDA graphs take turns
             timer = getattr(args, "timer", time.perf_counter)
             t0 = timer()
             steps[s]()
@@ -336,6 +355,10 @@ def main() -> None:
                    help="default | smollm2 | minilm-random | smollm2-random | llama-1b-random | llama-8b-random")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--compile", metavar="MODE",
+                   help="torch.compile every setup's model with this mode (default, reduce-overhead, max-autotune, "
+                        "...); reduce-overhead captures CUDA graphs on a GPU")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick check)")
     add_timing_options(p)
     args = p.parse_args()
     args.timer = apply_timing_options(args)
@@ -348,7 +371,8 @@ def main() -> None:
     result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
                       "seq": args.seq, "rank": args.rank, "machine": platform.machine(), "model": args.model,
                       "device": args.device, "device_name": device_name, "dtype": args.dtype,
-                      "clock": args.clock, "loadavg": os.getloadavg(), "argv": sys.argv[1:]}
+                      "clock": args.clock, "loadavg": os.getloadavg(), "compile": args.compile,
+                      "argv": sys.argv[1:]}
     print(table(result))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
