@@ -92,6 +92,33 @@ def test_best_rate_is_judged_on_the_seeds_every_rate_ran():
     assert entry["lr"] == 0.004 and entry["seeds"] == 3
 
 
+def test_variants_run_each_grid_point_once_per_named_option_set(tmp_path):
+    from sparseft.app.plot import summarize
+    from sparseft.app.sweep import expand, load_grid
+
+    grid = {"out": str(tmp_path / "out"), "methods": ["random"], "budgets": [{"match_lora_rank": 4}],
+            "lrs": [0.01], "seeds": [0, 1], "base": {"task": "bbc-lm", "max_steps": 2},
+            "variants": {"float": {}, "nf4": {"quantize": "nf4"}}}
+    (tmp_path / "g.json").write_text(json.dumps(grid))
+    runs = expand(load_grid(tmp_path / "g.json"))
+    assert [r.name for r in runs] == ["random-r4-lr0.01-s0-float", "random-r4-lr0.01-s0-nf4",
+                                      "random-r4-lr0.01-s1-float", "random-r4-lr0.01-s1-nf4"]
+    assert [r.variant for r in runs] == ["float", "nf4", "float", "nf4"]
+    assert ["--quantize", "nf4"] == runs[1].argv[-2:] and "--quantize" not in runs[0].argv
+    assert "--task" in runs[0].argv and runs[0].argv[runs[0].argv.index("--out") + 1].endswith("-s0-float")
+    rows = [{"task": "bbc-lm", "method": "random", "budget": "r4", "lr": 0.01, "seed": r.seed, "variant": r.variant,
+             "score": 40.0 + (r.variant == "nf4"), "trainable_params": 10, "higher_is_better": False} for r in runs]
+    assert sorted(e["method"] for e in summarize(rows)) == ["random [float]", "random [nf4]"]
+    grid["variants"] = {"nf4": {"seed": 3}}
+    (tmp_path / "g.json").write_text(json.dumps(grid))
+    with pytest.raises(ValueError, match="'seed' belongs to the grid axes, not to variant 'nf4'"):
+        expand(load_grid(tmp_path / "g.json"))
+    grid["variants"] = ["nf4"]
+    (tmp_path / "g.json").write_text(json.dumps(grid))
+    with pytest.raises(ValueError, match="'variants' maps each variant's name"):
+        load_grid(tmp_path / "g.json")
+
+
 def test_bad_grid_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "g.json").write_text(json.dumps({"methods": ["random"], "budgets": [{"rank": 3}]}))
     assert main(["sweep", str(tmp_path / "g.json")]) == 2

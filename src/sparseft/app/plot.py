@@ -89,8 +89,10 @@ def best_rate(by_rate: dict[Any, dict[Any, dict[str, Any]]]) -> Any:
 
 
 def series(row: dict[str, Any]) -> str:
-    """The method, marked when the run took the default rate rather than a given one."""
-    return row["method"] + (" (default lr)" if row.get("lr_given") == "auto" else "")
+    """The method, with the grid variant the run belongs to (if any), marked when the run
+    took the default rate rather than a given one."""
+    return (row["method"] + (f" [{row['variant']}]" if row.get("variant") else "")
+            + (" (default lr)" if row.get("lr_given") == "auto" else ""))
 
 
 def paired_vs_lora(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +123,8 @@ def default_vs_tuned(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_group: dict[tuple, dict[Any, dict[Any, dict]]] = defaultdict(lambda: defaultdict(dict))
     defaults: dict[tuple, dict[Any, dict]] = defaultdict(dict)
     for row in rows:
-        key = (row.get("task"), row["method"], row.get("budget", ""))
+        key = (row.get("task"), row["method"] + (f" [{row['variant']}]" if row.get("variant") else ""),
+               row.get("budget", ""))
         by_group[key][row.get("lr")][row.get("seed")] = row
         if row.get("lr_given") == "auto":
             defaults[key][row.get("seed")] = row

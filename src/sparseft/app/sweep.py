@@ -19,6 +19,9 @@ Grid file (YAML or JSON)::
       - density: 0.01
     lrs: {random: [5e-3, 1e-2], lora: [5e-4], full: [5e-5]}   # or one list for all; omitted: method default
     seeds: [0, 1]
+    variants:                  # optional: named sets of extra options, each run once per variant
+      float: {}
+      nf4: {quantize: nf4}
     isolate: true              # one process per run (default); false: runs in this process
 
 ``full`` fine-tuning has no budget and runs once per learning rate and seed. For LoRA
@@ -56,6 +59,7 @@ class Run:
     lr: float | None
     seed: int
     argv: list[str]
+    variant: str | None = None
 
 
 def load_grid(path: str | Path) -> dict[str, Any]:
@@ -79,7 +83,7 @@ def load_grid(path: str | Path) -> dict[str, Any]:
             raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(grid, dict):
         raise DataError(f"{path}: a grid is a mapping (methods, budgets, lrs, seeds, base, out)")
-    unknown = sorted(set(grid) - {"out", "base", "methods", "budgets", "lrs", "seeds", "isolate"})
+    unknown = sorted(set(grid) - {"out", "base", "methods", "budgets", "lrs", "seeds", "variants", "isolate"})
     if unknown:
         raise DataError(f"{path}: unknown grid key(s) {unknown}")
     if "out" not in grid:
@@ -89,6 +93,10 @@ def load_grid(path: str | Path) -> dict[str, Any]:
     for budget in grid.get("budgets") or []:
         if not (isinstance(budget, dict) and len(budget) == 1 and next(iter(budget)) in BUDGET_KEYS):
             raise DataError(f"{path}: each budget is one of {list(BUDGET_KEYS)} with a value, got {budget!r}")
+    variants = grid.get("variants")
+    if variants is not None and not (isinstance(variants, dict) and variants
+                                      and all(isinstance(v, dict) or v is None for v in variants.values())):
+        raise DataError(f"{path}: 'variants' maps each variant's name to its extra options, got {variants!r}")
     return grid
 
 
@@ -110,9 +118,11 @@ def _budget_label(budget: dict[str, Any]) -> str:
 
 def expand(grid: dict[str, Any]) -> list[Run]:
     base = dict(grid.get("base") or {})
-    for key in ("out", "method", "lr", "seed", *BUDGET_KEYS):
-        if key in base:
-            raise DataError(f"'{key}' belongs to the grid axes, not to 'base'")
+    variants = {str(name): dict(opts or {}) for name, opts in (grid.get("variants") or {None: {}}).items()}
+    for where, options in [("base", base)] + [(f"variant {name!r}", opts) for name, opts in variants.items()]:
+        for key in ("out", "method", "lr", "seed", *BUDGET_KEYS):
+            if key in options:
+                raise DataError(f"'{key}' belongs to the grid axes, not to {where}")
     budgets = grid.get("budgets") or [{}]
     seeds = grid.get("seeds") or [0]
     lrs = grid.get("lrs")
@@ -124,21 +134,27 @@ def expand(grid: dict[str, Any]) -> list[Run]:
         for budget in method_budgets:
             for lr in method_lrs:
                 for seed in seeds:
-                    name = f"{method}-{_budget_label(budget)}" + (f"-lr{lr:g}" if lr is not None else "") + f"-s{seed}"
-                    argv = ["train", "--out", str(out / name), "--method", method, "--seed", str(seed), "--no-progress"]
-                    for key, value in budget.items():
-                        argv += _flag(key, value)
-                    if lr is not None:
-                        argv += ["--lr", str(lr)]
-                    for key, value in base.items():
-                        argv += _flag(key, value)
-                    runs.append(Run(name, method, dict(budget), lr, seed, argv))
+                    for variant, extra in variants.items():
+                        name = (f"{method}-{_budget_label(budget)}" + (f"-lr{lr:g}" if lr is not None else "")
+                                + f"-s{seed}" + (f"-{variant}" if variant != "None" else ""))
+                        argv = ["train", "--out", str(out / name), "--method", method, "--seed", str(seed),
+                                "--no-progress"]
+                        for key, value in budget.items():
+                            argv += _flag(key, value)
+                        if lr is not None:
+                            argv += ["--lr", str(lr)]
+                        for key, value in {**base, **extra}.items():
+                            argv += _flag(key, value)
+                        runs.append(Run(name, method, dict(budget), lr, seed, argv,
+                                        variant if variant != "None" else None))
     return runs
 
 
 def _result_row(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in metrics.items() if k not in DROP_FROM_RESULTS}
     row.update(run=run.name, budget=_budget_label(run.budget), budget_spec=run.budget, lr=metrics.get("lr"))
+    if run.variant is not None:
+        row["variant"] = run.variant
     return row
 
 
