@@ -123,6 +123,67 @@ def build(setup: str, args):
     return built, opt
 
 
+def _storage_key(t):
+    try:
+        return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return id(t), t.numel() * t.element_size()
+
+
+def _nbytes(tensors) -> float:
+    """MB of the distinct storages behind ``tensors``."""
+    seen = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        ptr, n = _storage_key(t)
+        seen[ptr] = max(seen.get(ptr, 0), n)
+    return sum(seen.values()) / 2**20
+
+
+def memory_breakdown(model, opt, batch, autocast: bool, device: str) -> dict:
+    """Where the memory goes, counted from the tensors themselves (not RSS): the model's
+    frozen weights (float and quantized), trainable parameters, the sparse layers' index
+    buffers and their derived layouts, the tensors autograd saves for the backward (the
+    activations, each storage once), the gradients and the optimizer state."""
+    from sparseft.delta.layer import SparseDeltaLayer
+
+    sparse_layers = [m for m in model.modules() if isinstance(m, SparseDeltaLayer)]
+    params = list(model.parameters())
+    out = {
+        "frozen_float_mb": _nbytes(p for p in params if not p.requires_grad and p.dtype.is_floating_point),
+        "frozen_quantized_mb": _nbytes(p for p in params if not p.dtype.is_floating_point),
+        "trainable_mb": _nbytes(p for p in params if p.requires_grad),
+        "sparse_index_mb": _nbytes(m.indices for m in sparse_layers),
+        "sparse_layout_mb": _nbytes(t for m in sparse_layers if m._layout is not None
+                                    for t in m._layout.__dict__.values() if isinstance(t, torch.Tensor)
+                                    and t is not m.indices),
+    }
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+    known = {_storage_key(p)[0] for p in params}
+    out["saved_for_backward_mb"] = _nbytes(t for t in saved if _storage_key(t)[0] not in known)
+    out["saved_params_mb"] = _nbytes(t for t in saved if _storage_key(t)[0] in known)
+    del saved
+    loss.backward()
+    out["grads_mb"] = _nbytes(p.grad for p in params if p.grad is not None)
+    opt.step()
+    out["optimizer_state_mb"] = _nbytes(v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    if sparse_layers:
+        out["sparse_layout_after_step_mb"] = _nbytes(
+            t for m in sparse_layers if m._layout is not None for t in m._layout.__dict__.values()
+            if isinstance(t, torch.Tensor) and t is not m.indices)
+    opt.zero_grad(set_to_none=True)
+    return out
+
+
 def trainable(model) -> int:
     if hasattr(model, "num_sparse_params"):
         return model.num_sparse_params()
@@ -167,6 +228,8 @@ def run_setup(setup: str, args) -> dict:
            "extra_mb": train_peak - after_load, "whole_mb": max(load_peak, train_peak),
            "step_ms": statistics.median(times[1:]) * 1000, "all_step_ms": [t * 1000 for t in times],
            "loss": float(loss.detach())}
+    if args.breakdown:  # after the measured steps: its bookkeeping does not enter their peak
+        row["breakdown"] = memory_breakdown(model, opt, batch, args.autocast, args.device)
     if cuda:
         del model, opt
         gc.collect()
@@ -178,7 +241,8 @@ def child_command(setup: str, args) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", setup]
     for name in ("model", "rank", "batch", "seq", "steps", "threads", "clock", "device", "dtype"):
         cmd += [f"--{name}", str(getattr(args, name))]
-    return cmd + (["--checkpointing"] if args.checkpointing else []) + (["--autocast"] if args.autocast else [])
+    return (cmd + (["--checkpointing"] if args.checkpointing else []) + (["--autocast"] if args.autocast else [])
+            + (["--breakdown"] if args.breakdown else []))
 
 
 def table(rows: dict) -> str:
@@ -191,6 +255,20 @@ def table(rows: dict) -> str:
         lines.append(f"| {s} | {r['trainable_params']:,} | {r['after_load_mb']:.0f} | {r['extra_mb']:.0f} | "
                      f"{r['whole_mb']:.0f} | {ratio('extra_mb', ref)} | {ratio('whole_mb', ref)} | "
                      f"{r['step_ms']:.0f} | {ratio('step_ms', fast)} |")
+    return "\n".join(lines)
+
+
+BREAKDOWN_KEYS = ("frozen_float_mb", "frozen_quantized_mb", "trainable_mb", "sparse_index_mb", "sparse_layout_mb",
+                  "saved_for_backward_mb", "grads_mb", "optimizer_state_mb", "sparse_layout_after_step_mb")
+
+
+def breakdown_table(rows: dict) -> str:
+    rows = {s: r["breakdown"] for s, r in rows.items() if "breakdown" in r}
+    if not rows:
+        return ""
+    lines = ["| MB | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for key in BREAKDOWN_KEYS:
+        lines.append(f"| {key[:-3]} | " + " | ".join(f"{b[key]:.1f}" if key in b else "-" for b in rows.values()) + " |")
     return "\n".join(lines)
 
 
@@ -208,6 +286,10 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the loaded model's dtype")
     p.add_argument("--autocast", action="store_true", help="forward under bf16 autocast")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after the measured steps, one more step counting the tensors by kind (frozen and quantized "
+                        "weights, trainable parameters, sparse index and layout buffers, tensors saved for the "
+                        "backward, gradients, optimizer state), from the tensors themselves")
     p.add_argument("--mmap-threshold", type=int, default=65536,
                    help="CPU: glibc's MALLOC_MMAP_THRESHOLD_ for each setup's process (bytes; 0: glibc's default, "
                         "which raises the threshold as blocks are freed, so freed per-layer buffers stay in the heap "
@@ -245,7 +327,7 @@ def main() -> None:
         "memory": "CUDA max_memory_allocated" if args.device.startswith("cuda") else "RSS (/proc/self/status)",
         "command": "python bench/bench_quant_memory.py " + " ".join(sys.argv[1:]), "loadavg": os.getloadavg(),
         **{k: getattr(args, k) for k in ("model", "rank", "batch", "seq", "steps", "clock", "dtype", "autocast",
-                                          "checkpointing", "mmap_threshold")}}}
+                                          "checkpointing", "mmap_threshold", "breakdown")}}}
     try:
         import bitsandbytes
 
@@ -253,6 +335,7 @@ def main() -> None:
     except ImportError:
         pass
     print(table(rows))
+    print(breakdown_table(rows))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:

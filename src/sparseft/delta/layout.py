@@ -35,11 +35,15 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 class IndexLayout:
     """Derived forms of a flat index that the kernels want; rebuilt when the index changes.
 
-    ``crow``/``col`` (int32) are the CSR pattern for ``sampled_addmm``, ``rows`` (int32) the
-    row of each entry (gather backend), ``flat_long`` the index as int64 (``index_copy_``
-    wants it, for the in-place weight mode): 16 bytes per entry beside the int32 index.
-    A weight with fewer rows than columns also gets, at its first CPU SDDMM, the pattern of
-    its transpose and the way back to index order (``transposed()``): 16 bytes more per entry.
+    ``crow``/``col`` (int32) are the CSR pattern for ``sampled_addmm`` and the compiled
+    kernel: 4 bytes per entry beside the int32 index, built at once. ``rows`` (int32) the row
+    of each entry (gather backend) and ``flat_long`` the index as int64 (``index_copy_``
+    wants it, for the in-place weight mode of a float base) are built at their first use and
+    kept: 12 bytes per entry more where they are used, nothing where they are not (a
+    quantized base never uses ``flat_long``, and ``rows`` only for tiny layers' gather).
+    A weight with fewer rows than columns also gets, at its first CPU SDDMM with two threads
+    or more, the pattern of its transpose and the way back to index order
+    (``transposed()``): 16 bytes more per entry.
     """
 
     def __init__(self, indices: torch.Tensor, weight_shape: torch.Size | tuple[int, int],
@@ -60,22 +64,41 @@ class IndexLayout:
         # the throwaway layouts inside custom ops.
         self.tiles: TileLayout | None = None
         if parts is not None:  # already built (inside the custom op)
-            self.crow, self.col, self.rows, self.flat_long = parts
+            self.crow, self.col, self._rows, self._flat_long = parts
             return
         empty = indices.new_zeros(0)
         if self.full or self.numel == 0:
-            self.crow, self.col, self.rows, self.flat_long = empty, empty, empty, empty.long()
+            self.crow, self.col, self._rows, self._flat_long = empty, empty, empty, empty.long()
             return
-        flat = indices.long()
-        rows = flat // cols_n
-        counts = torch.bincount(rows, minlength=rows_n)
+        # Row by row, in int32 chunks: no int64 copy of the whole index, even transiently.
+        counts = torch.bincount(torch.div(indices, cols_n, rounding_mode="floor"), minlength=rows_n)
         crow = torch.zeros(rows_n + 1, dtype=torch.int32, device=indices.device)
         crow[1:] = counts.cumsum(0)
         self.crow = crow
-        self.col = (flat % cols_n).to(torch.int32)
-        self.rows = rows.to(torch.int32)
-        self.flat_long = flat
+        self.col = torch.remainder(indices, cols_n).to(torch.int32)
+        self._rows: torch.Tensor | None = None
+        self._flat_long: torch.Tensor | None = None
         self.tiles = TileLayout.detect(indices, self.weight_shape)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = torch.div(self.indices, self.weight_shape[1], rounding_mode="floor").to(torch.int32)
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: torch.Tensor) -> None:
+        self._rows = value
+
+    @property
+    def flat_long(self) -> torch.Tensor:
+        if self._flat_long is None:
+            self._flat_long = self.indices.long()
+        return self._flat_long
+
+    @flat_long.setter
+    def flat_long(self, value: torch.Tensor) -> None:
+        self._flat_long = value
 
     @property
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,12 +110,13 @@ class IndexLayout:
         ``values_t.index_select(0, back)`` is in this layout's order."""
         if self._transposed is None:
             rows_n, cols_n = self.weight_shape
-            flat_t = (self.flat_long % cols_n) * rows_n + self.flat_long // cols_n
+            flat = self.indices.long()  # transient: not kept as flat_long
+            flat_t = (flat % cols_n) * rows_n + flat // cols_n
+            del flat
             order = torch.argsort(flat_t)
             back = torch.empty(order.numel(), dtype=torch.int32, device=order.device)
             back[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
             layout_t = IndexLayout(flat_t[order].to(torch.int32), (cols_n, rows_n))
-            layout_t.flat_long = layout_t.flat_long[:0]  # only the in-place weight mode and dense SDDMM read it
             self._transposed = (layout_t, back)
         return self._transposed
 
