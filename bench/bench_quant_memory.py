@@ -168,9 +168,9 @@ def memory_breakdown(model, opt, batch, autocast: bool, device: str) -> dict:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch).loss
-    known = {_storage_key(p)[0] for p in params}
+    # Saved parameters and buffers (the values, the index) are alive anyway: not counted.
+    known = {_storage_key(t)[0] for t in [*params, *model.buffers()]}
     out["saved_for_backward_mb"] = _nbytes(t for t in saved if _storage_key(t)[0] not in known)
-    out["saved_params_mb"] = _nbytes(t for t in saved if _storage_key(t)[0] in known)
     del saved
     loss.backward()
     out["grads_mb"] = _nbytes(p.grad for p in params if p.grad is not None)
@@ -329,8 +329,10 @@ def main() -> None:
         **{k: getattr(args, k) for k in ("model", "rank", "batch", "seq", "steps", "clock", "dtype", "autocast",
                                           "checkpointing", "mmap_threshold", "breakdown")}}}
     try:
-        import bitsandbytes
+        from sparseft.quant import quiet_bitsandbytes_import
 
+        with quiet_bitsandbytes_import():
+            import bitsandbytes
         result["meta"]["bitsandbytes"] = bitsandbytes.__version__
     except ImportError:
         pass
