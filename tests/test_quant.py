@@ -78,6 +78,25 @@ def test_weight_reads_as_the_dequantized_weight_and_no_float_copy_is_saved(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("backend", ["auto", "sampled_addmm"])
+def test_a_quantized_layer_keeps_one_int32_index_and_its_columns(fmt, backend):
+    """Beside the int32 index, a training step on a quantized base keeps only the CSR
+    pattern (int32 columns, row offsets): no int64 copy of the index, no per-entry rows."""
+    layer = quantized_layer(fmt)
+    layer.backend = backend
+    for _ in range(2):
+        layer(torch.randn(2, 5, 64, requires_grad=True)).sum().backward()
+    layout = layer.layout
+    kept = [t for t in vars(layout).values() if isinstance(t, torch.Tensor) and t is not layer.indices]
+    assert layout.col.dtype == torch.int32 and layout.crow.dtype == torch.int32
+    assert all(t.dtype == torch.int32 for t in kept)
+    assert sum(t.numel() for t in kept) == layer.num_entries + 48 + 1  # columns, row offsets
+    float_layer = sparseft.SparseDeltaLayer(nn.Linear(64, 48), layer.indices, weight_mode="inplace")
+    float_layer(torch.randn(3, 64)).sum().backward()
+    assert float_layer.layout.flat_long.dtype == torch.int64  # built for the in-place weight mode, then kept
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_folded_entries_and_grad_observer(fmt):
     layer = quantized_layer(fmt)
     packed = layer.base_layer.weight.detach().clone()
