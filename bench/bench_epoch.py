@@ -3,7 +3,7 @@
 ``--max-train-examples`` training examples (default 1,024), batch 32, max length 64, a
 random mask at ``--density``, on the CPU with ``--threads`` torch threads.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_epoch.py --out epoch.json
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_epoch.py --machine "..." --out epoch.json
 
 Reports wall and process CPU seconds of the training loop alone (``sparseft.train``;
 no selection, no evaluation). On a shared machine the CPU seconds are the figure to
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--machine", help="name the machine in the result (a dated report)")
     ns = p.parse_args()
 
     import torch
@@ -50,6 +53,9 @@ def main() -> None:
            "max_length": ns.max_length, "steps": result.steps, "seconds": round(seconds, 2),
            "cpu_seconds": round(cpu_seconds, 2), "median_step_s": round(result.median_step_time, 3),
            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if ns.machine:
+        out = {"date": time.strftime("%Y-%m-%d"), "machine": ns.machine,
+               "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python " + shlex.join(sys.argv), **out}
     print(json.dumps(out), flush=True)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -192,7 +193,7 @@ def main() -> None:
         payload = results
         if ns.machine:  # a dated report: where it ran and how to run it again
             payload = {"date": time.strftime("%Y-%m-%d"), "machine": ns.machine,
-                       "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(sys.argv), "results": results}
+                       "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python " + shlex.join(sys.argv), "results": results}
         Path(ns.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 
