@@ -13,6 +13,9 @@ set -u
 OUT=${1:?usage: bench/run_gpu_step.sh OUT_DIR [quick]}
 QUICK=${2:-}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."  # the repository root: its own sparseft, not an installed one
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SETUPS=floor,full,lora,sparse,tile16,tile32
 run() {  # name, args...
   local name=$1; shift
