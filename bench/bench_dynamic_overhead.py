@@ -18,7 +18,7 @@ ratios.
                  gradients. The bench's defaults (16 and 4: a quarter of the steps observe
                  dense gradients) are a pessimistic stand-in for the library's 128 and 8
                  (1/16 of the steps) over a run this short;
-* ``id3``        ID3, unmasking at every step (``--unmask-every 1``, the default; N > 1 unmasks
+* ``id3``        ID3, unmasking at every step (``--unmask-every 1``, the bench's default; N > 1 unmasks
                  every N steps, which observes the dense gradient only then), the budget
                  reached at the last step;
 * ``grow-drop``  SpIEL-style, swapping every ``--grow-drop-every`` steps, growing from the

@@ -28,7 +28,7 @@ CONFIGS = {
     "gradient-static": dict(method="gradient"),  # calibration scores all-reduced
     "dynamic-gradient": dict(method="gradient", schedule="dynamic", dynamic=dict(update_every=2, score_window=1)),  # merge
     "dynamic-random": dict(method="random", schedule="dynamic", dynamic=dict(update_every=2, score_window=1, drop_policy="zero")),
-    "id3": dict(method="id3", num_params=60),
+    "id3": dict(method="id3", num_params=60, id3=dict(unmask_every=1)),
     "id3-every2": dict(method="id3", num_params=60, id3=dict(unmask_every=2, d3_exponent=1.0)),
     "grow-drop": dict(method="grow-drop", grow_drop=dict(every=2, fraction=0.5)),
     "dst": dict(method="dst"),

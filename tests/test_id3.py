@@ -17,7 +17,13 @@ from sparseft.train import SparseController, TrainingArguments, train
 
 
 def id3_model(num_params=50, **kw):
+    """ID3 unmasking at every step (K = 1) unless the test says otherwise: these tests check each event."""
+    kw.setdefault("id3", ID3Options(unmask_every=1))
     return sparseft.get_sparse_model(tiny_bert(), sparseft.SparseConfig(method="id3", num_params=num_params, **kw))
+
+
+def test_id3_unmasks_every_fourth_step_by_default():
+    assert sparseft.SparseConfig(method="id3", num_params=10).id3.unmask_every == 4
 
 
 @pytest.mark.parametrize("total,budget,every", [(10, 50, 1), (7, 3, 1), (10, 50, 3), (5, 5, 5), (1, 9, 1), (12, 100, 4)])
@@ -219,7 +225,7 @@ def test_id3_sparsifies_a_peft_lora_adapter(tmp_path):
     assert model.num_targeted_weights() == 2 * 4 * (16 + 16)  # query, value x (A: 4x16, B: 16x4)
     snaps = record_steps(model)
     train(model, toy_batches(total), TrainingArguments(lr=1e-2, max_steps=total, warmup_ratio=0.0, progress=False))
-    expected = torch.tensor(unmask_schedule(total, budget)).cumsum(0).tolist()
+    expected = torch.tensor(unmask_schedule(total, budget, ID3Options().unmask_every)).cumsum(0).tolist()
     assert [sum(s.numel() for s in sets.values()) for _, sets in snaps] == expected
     # the trained adapter differs from its initial LoRA weights in exactly B entries
     changed = 0

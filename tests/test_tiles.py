@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparseft
-from sparseft.config import CalibrationOptions, ConfigError, DynamicOptions, GrowDropOptions
+from sparseft.config import CalibrationOptions, ConfigError, DynamicOptions, GrowDropOptions, ID3Options
 from sparseft.tiles import is_tiled, select_entries
 from sparseft.train import TrainingArguments, train
 
@@ -78,7 +78,7 @@ def _train(model, steps, lr=5e-2):
 @pytest.mark.parametrize("method, extra", [
     ("gradient", dict(schedule="dynamic", dynamic=DynamicOptions(update_every=2, score_window=1))),
     ("random", dict(schedule="dynamic", dynamic=DynamicOptions(update_every=2, score_window=1, drop_policy="zero"))),
-    ("id3", {}),
+    ("id3", dict(id3=ID3Options(unmask_every=1))),
     ("grow-drop", dict(grow_drop=GrowDropOptions(every=2, fraction=0.5))),
     ("dst", {}),
 ])
