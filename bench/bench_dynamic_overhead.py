@@ -34,7 +34,6 @@ Reproduce::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402
+from _results import write_result  # noqa: E402
 
 METHODS = ("static", "dynamic", "id3", "grow-drop", "dst")
 
@@ -152,9 +152,7 @@ def main() -> None:
                  if r else "1.00 | 1.00")
         print(f"| {n} | {mean[n]:.0f} | {cells} |")
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Reproduce::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (the same model, batch and parameter count)
+from _results import write_result  # noqa: E402
 
 SETUPS = ("base", "unmerged", "merged", "unloaded", "lora")
 
@@ -119,9 +119,7 @@ def main() -> None:
         r = ratios.get(f"{s}/base")
         print(f"| {s} | {median[s]:.0f} | " + (f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] |" if r else "1 |"))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

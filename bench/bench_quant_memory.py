@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import DECODER_TARGETS, LLAMA_1B_CONFIG, SMOLLM2_CONFIG, make_batch  # noqa: E402
+from _results import write_result  # noqa: E402
 
 SETUPS = ("sparse", "sparse-nf4", "sparse-int8", "qlora", "lora", "full")
 DEFAULT_SETUPS = ("sparse", "sparse-nf4", "qlora", "lora", "full")
@@ -339,9 +340,7 @@ def main() -> None:
     print(table(rows))
     print(breakdown_table(rows))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ import sys
 import time
 
 import torch
+from _results import write_result
 
 SETUPS = ("floor", "sparse", "lora", "shira", "supertuning", "full")
 OPTIONAL_SETUPS = ("tile16", "tile32")  # run when named in --setups
@@ -375,9 +376,7 @@ def main() -> None:
                       "argv": sys.argv[1:]}
     print(table(result))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

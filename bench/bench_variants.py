@@ -19,7 +19,6 @@ Reproduce::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (the same model, batch and setups)
+from _results import write_result  # noqa: E402
 
 
 DEFAULTS = {}
@@ -117,9 +117,7 @@ def main() -> None:
             cells.append(f" {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] |" if r else " 1.00 |")
         print(f"| {n} | {median[n]:.0f} |" + "".join(cells))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Reproduce::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,9 @@ import time
 import torch
 
 from sparseft import delta
+from _results import write_result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="384x384,1536x384,576x1536")
@@ -57,9 +59,7 @@ def main() -> None:
     result = {"rows": rows, "meta": {"torch": torch.__version__, "threads": 1, "clock": args.clock,
                                      "machine": platform.machine(), "loadavg_end": os.getloadavg(), "argv": sys.argv[1:]}}
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":
