@@ -1,9 +1,8 @@
 """The Triton kernels against dense references, in Triton's interpreter on CPU tensors.
 
-Optional: skipped when triton is not installed (its wheel is ~290 MB, ~1 GB unpacked, so
-the CI install leaves it out). To run them: ``pip install triton`` and
-``python -m pytest -q tests/test_triton.py``; on a CUDA machine set SPARSEFT_TRITON_CUDA=1
-to run them on the GPU instead of the interpreter.
+The ``test`` extra installs triton on Linux x86-64, so CI runs them; elsewhere (no triton
+wheel) they are skipped. On a CUDA machine set SPARSEFT_TRITON_CUDA=1 to run them on the GPU
+instead of the interpreter.
 """
 from __future__ import annotations
 
