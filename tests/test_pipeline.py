@@ -116,7 +116,7 @@ def test_every_kind_of_run_writes_the_same_metrics_fields(folders, tmp_path):
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["calibration_examples"] == 4
 
 
-def test_classification_and_causal_runs_calibrate_on_the_same_seeded_order(folders, tmp_path, monkeypatch):
+def test_classification_and_causal_runs_calibrate_on_the_same_seeded_examples_shortest_first(folders, tmp_path, monkeypatch):
     seen = []
     real = runner.get_sparse_model
 
@@ -140,8 +140,11 @@ def test_classification_and_causal_runs_calibrate_on_the_same_seeded_order(folde
         model = folders / ("llama" if data.prompt_column else "bert")
         loader = prepare(RunSpec(out="", model=str(model), data=data, training=TrainingArguments(seed=3))).train_loader
         assert len(loader.dataset) == kept  # one training sequence per example on both paths
-        expected = list(torch.utils.data.DataLoader([loader.dataset[i] for i in order], batch_size=4,
-                                                    collate_fn=loader.collate_fn))
+        chosen = [loader.dataset[i] for i in order]
+        lengths = [loader.collate_fn([e])["input_ids"].shape[-1] for e in chosen]
+        by_length = [e for _, _, e in sorted(zip(lengths, range(len(chosen)), chosen), key=lambda t: t[:2])]
+        expected = list(torch.utils.data.DataLoader(by_length, batch_size=4, collate_fn=loader.collate_fn))
+        assert [b["input_ids"].shape[-1] for b in batches] == sorted(b["input_ids"].shape[-1] for b in batches)
         assert [len(b["labels"]) for b in batches] == [4, 4, 2]
         for got, want in zip(batches, expected):
             assert got.keys() == want.keys()
