@@ -228,3 +228,14 @@ def test_perplexity_in_slices_equals_the_whole_batch(tiny_gpt2, monkeypatch):
     result = lmtasks.evaluate_perplexity(tiny_gpt2, [batch])
     assert result["tokens"] == sum(len(ids) - 2 for ids, _ in items)
     assert math.isclose(result["loss"], expected.item(), rel_tol=1e-5)
+
+
+def test_sweep_runs_log_a_line_every_ten_steps_unless_the_grid_says_otherwise(tmp_path):
+    from sparseft.app.options import build_parser
+    from sparseft.app.sweep import expand, load_grid
+
+    grid = {"out": str(tmp_path / "out"), "methods": ["random"], "budgets": [{"density": 0.01}], "seeds": [0],
+            "base": {"max_steps": 2}, "variants": {"default": {}, "quiet": {"log_every": 0}}}
+    (tmp_path / "g.json").write_text(json.dumps(grid))
+    parsed = [build_parser().parse_args(run.argv) for run in expand(load_grid(tmp_path / "g.json"))]
+    assert [ns.log_every for ns in parsed] == [10, 0]

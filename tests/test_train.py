@@ -151,3 +151,14 @@ def test_controller_step_takes_no_step_when_the_block_raises():
             raise RuntimeError("boom")
     assert ctl.steps_done == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.sparse_parameters()))
+
+
+def test_log_every_prints_a_line_per_n_steps_with_loss_and_time_left(capsys):
+    args = TrainingArguments(lr=1e-2, max_steps=6, warmup_ratio=0.0, progress=False, log_every=2)
+    result = train(sparse_model(), toy_batches(4, 8), args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert f"loss {result.losses[3]:.4f}, " in lines[1] and "s/step, about " in lines[1]
+    assert lines[-1].endswith("about 0 min 00 s left")
+    with pytest.raises(ValueError, match="log_every"):
+        TrainingArguments(log_every=-1)

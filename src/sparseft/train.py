@@ -11,6 +11,7 @@ import math
 import resource
 import signal
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class TrainingArguments:
     skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradients are NaN/inf
     seed: int = 0
     progress: bool = True
+    # also print a plain line (step, loss, seconds a step, time left) every N optimizer
+    # steps, for logs where a progress bar does not read (sweeps, batch jobs); 0 = off
+    log_every: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.lr, str):
@@ -64,6 +68,22 @@ class TrainingArguments:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.save_every < 0 or self.save_minutes < 0:
             raise ValueError("save_every and save_minutes must not be negative")
+        if self.log_every < 0:
+            raise ValueError("log_every must not be negative")
+
+
+def _log_step(result: "TrainResult", total: int, window: int) -> None:
+    recent = result.step_times[-window:]
+    per_step = sum(recent) / len(recent)
+    left = per_step * (total - result.steps)
+    print(f"step {result.steps}/{total}: loss {result.losses[-1]:.4f}, {per_step:.2f} s/step, "
+          f"about {_duration(left)} left", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def planned_steps(args: TrainingArguments, num_batches: int) -> int:
@@ -446,6 +466,8 @@ def _train(model, train_loader, args, eval_fn, optimizer, checkpoint_dir, resume
             result.losses.append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
+            if args.log_every and result.steps % args.log_every == 0 and is_main_process():
+                _log_step(result, total, args.log_every)
             step_loss, step_start = 0.0, now
             if eval_fn is not None and args.eval_every and result.steps % args.eval_every == 0 and result.steps < total:
                 eval_start = time.perf_counter()

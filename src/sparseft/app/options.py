@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--skip-nonfinite", action="store_true",
                    help="skip and count steps whose loss or gradients are NaN/inf, instead of stopping")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help="also print a line (step, loss, seconds a step, time left) every N steps, for logs "
+                        "where a progress bar does not read; sweeps use 10 (default: 0, off)")
     o.add_argument("--device", default="auto", help="where to train: cpu, cuda, cuda:N, or auto (CUDA when present, else the CPU)")
 
     e = sub.add_parser("eval", help="re-score a saved adapter",
@@ -285,7 +288,7 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
     training = TrainingArguments(
         lr=ns.lr or default_lr(ns.method), head_lr=ns.head_lr or DEFAULT_HEAD_LR, weight_decay=ns.weight_decay,
         epochs=ns.epochs, max_steps=ns.max_steps, grad_accum=ns.grad_accum, warmup_ratio=ns.warmup_ratio,
-        eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress,
+        eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress, log_every=ns.log_every,
         save_every=ns.save_every, save_minutes=ns.save_minutes, keep_checkpoints=ns.keep_checkpoints,
         skip_nonfinite=ns.skip_nonfinite,
     )

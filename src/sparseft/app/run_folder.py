@@ -28,7 +28,7 @@ RUN_ENTRIES = (METRICS_NAME, SPEC_NAME, CHECKPOINTS, ADAPTER)
 # Settings that change neither the trained values nor the data: a checkpoint written
 # under other values of these still belongs to the run.
 _NOT_SETTINGS = {"out", "device"}
-_NOT_TRAINING_SETTINGS = {"progress", "save_every", "save_minutes", "keep_checkpoints", "eval_every"}
+_NOT_TRAINING_SETTINGS = {"progress", "log_every", "save_every", "save_minutes", "keep_checkpoints", "eval_every"}
 
 
 class RunFolderError(ValueError):

@@ -44,6 +44,8 @@ from .runner import CHECKPOINTS, SPEC_NAME
 
 BUDGET_KEYS = ("match_lora_rank", "density", "num_params")
 NO_BUDGET = ("full",)
+# each run prints a line every this many steps into its log.txt (a grid's base may set log_every)
+SWEEP_LOG_EVERY = 10
 
 
 class SweepError(ValueError):
@@ -138,7 +140,7 @@ def expand(grid: dict[str, Any]) -> list[Run]:
                         name = (f"{method}-{_budget_label(budget)}" + (f"-lr{lr:g}" if lr is not None else "")
                                 + f"-s{seed}" + (f"-{variant}" if variant != "None" else ""))
                         argv = ["train", "--out", str(out / name), "--method", method, "--seed", str(seed),
-                                "--no-progress"]
+                                "--no-progress", "--log-every", str(SWEEP_LOG_EVERY)]
                         for key, value in budget.items():
                             argv += _flag(key, value)
                         if lr is not None:
