@@ -107,6 +107,24 @@ def tiny_one_layer_bert(seed=0):
     return BertForSequenceClassification(cfg)
 
 
+class RowsDataset(torch.utils.data.Dataset):
+    """A map-style dataset over a list of example dicts (what transformers.Trainer takes)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def rows_of(batches):
+    """The examples of ``batches`` (dicts of stacked tensors) as one dict per example."""
+    return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
+
+
 def toy_batches(n_batches, batch_size=8, seed=0, seq_len=10):
     """A learnable toy task: label 1 puts token 7 at position 3."""
     gen = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import torch
 
 import sparseft
 from conftest import tiny_one_layer_bert as tiny_bert
-from conftest import toy_batches
+from conftest import RowsDataset, rows_of, toy_batches
 from sparseft.config import ID3Options
 from sparseft.methods.id3 import d3_score, unmask_schedule
 from sparseft.optim import SparseAdamW
@@ -250,24 +250,14 @@ def test_id3_under_the_transformers_trainer(tmp_path):
     from sparseft.callback import SparseCallback
     from sparseft.train import create_optimizer
 
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self, rows):
-            self.rows = rows
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, i):
-            return self.rows[i]
-
-    rows = [{k: v[i] for k, v in b.items()} for b in toy_batches(4) for i in range(8)]
+    rows = rows_of(toy_batches(4))
     budget = 22
     model = id3_model(num_params=budget)
     snaps = record_steps(model)
     callback = SparseCallback(model)
     hf_args = HFArgs(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, report_to=[],
                      save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
-    Trainer(model=model, args=hf_args, train_dataset=Rows(rows), optimizers=(create_optimizer(model, 1e-2), None),
+    Trainer(model=model, args=hf_args, train_dataset=RowsDataset(rows), optimizers=(create_optimizer(model, 1e-2), None),
             callbacks=[callback]).train()
     assert [sum(s.numel() for s in sets.values()) for _, sets in snaps] == [6, 12, 17, 22]
     assert callback.controller.mean_active_entries == pytest.approx((6 + 12 + 17 + 22) / 4)

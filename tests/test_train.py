@@ -6,6 +6,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
+from conftest import RowsDataset, rows_of
 from conftest import toy_batches as shared_toy_batches
 from sparseft.callback import SparseCallback
 from sparseft.train import TrainingArguments, create_optimizer, linear_schedule, train
@@ -76,17 +77,7 @@ def test_transformers_trainer_with_the_callback(tmp_path):
     from transformers import Trainer
     from transformers import TrainingArguments as HFArgs
 
-    class ListDataset(torch.utils.data.Dataset):
-        def __init__(self, rows):
-            self.rows = rows
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, i):
-            return self.rows[i]
-
-    rows = [{k: v[i] for k, v in b.items()} for b in toy_batches(4, 8) for i in range(8)]
+    rows = rows_of(toy_batches(4, 8))
     model = sparse_model()
     base_before = copy.deepcopy({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
     calls = []
@@ -97,7 +88,7 @@ def test_transformers_trainer_with_the_callback(tmp_path):
     opt = create_optimizer(model, lr=1e-2)
     hf_args = HFArgs(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, report_to=[],
                      save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=hf_args, train_dataset=ListDataset(rows), optimizers=(opt, None), callbacks=[callback])
+    trainer = Trainer(model=model, args=hf_args, train_dataset=RowsDataset(rows), optimizers=(opt, None), callbacks=[callback])
     trainer.train()
     assert [c[0] for c in calls] == [1, 2, 3] and begins == [1, 2, 3]
     assert calls[0][1] is not None
