@@ -164,7 +164,8 @@ def test_training_time_methods_run_from_the_cli(tmp_path, method, task):
     out = tmp_path / method
     code = main(["train", "--task", task, "--method", method, "--density", "0.001", "--max-steps", "3",
                  "--max-train-examples", "64", "--max-eval-examples", "40", "--max-length", "32",
-                 "--batch-size", "8", "--grow-drop-every", "2", "--out", str(out), "--no-progress"])
+                 "--batch-size", "8", "--grow-drop-every", "2", "--unmask-every", "1", "--out", str(out),
+                 "--no-progress"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     budget = round(0.001 * metrics["targeted_weights"])
@@ -174,5 +175,18 @@ def test_training_time_methods_run_from_the_cli(tmp_path, method, task):
         assert metrics["mean_active_entries"] == metrics["targeted_weights"]
     else:
         assert metrics["trainable_params"] == budget
-    if method == "id3":
+    if method == "id3":  # unmasking at every step: a third of the budget each step
         assert metrics["mean_active_entries"] == pytest.approx(budget * 2 / 3, abs=1)
+
+
+def test_method_option_defaults_are_the_librarys():
+    from sparseft.config import CalibrationOptions, DynamicOptions, GrowDropOptions, ID3Options
+
+    ns = build_parser().parse_args(["train", "--out", "x"])
+    calib, dynamic, id3, grow_drop = CalibrationOptions(), DynamicOptions(), ID3Options(), GrowDropOptions()
+    assert ns.unmask_every == id3.unmask_every == 4
+    assert (ns.d3_epsilon, ns.d3_exponent) == (id3.d3_epsilon, id3.d3_exponent)
+    assert (ns.calib_examples, ns.calib_memory_mb) == (calib.examples, calib.memory_mb)
+    assert (ns.update_every, ns.drop_policy) == (dynamic.update_every, dynamic.drop_policy)
+    assert ns.score_window == dynamic.score_window == grow_drop.score_window
+    assert (ns.grow_drop_every, ns.grow_drop_fraction) == (grow_drop.every, grow_drop.fraction)

@@ -19,6 +19,9 @@ from .data import VALIDATION_CAP, VALIDATION_FRACTION
 from .runner import DEFAULT_HEAD_LR, default_lr, resume_training, run_training
 from .spec import RunSpec, TaskOptions
 
+# The method options' defaults are the library's (config.py), so the CLI cannot drift from them.
+_CALIB, _DYNAMIC, _ID3, _GROW_DROP = CalibrationOptions(), DynamicOptions(), ID3Options(), GrowDropOptions()
+
 TRAIN_EXAMPLES = """examples:
   sparseft train --task rt-sentiment --method random --density 0.01 --out runs/x
   sparseft train --resume runs/x          # continue an interrupted run (Ctrl-C writes a checkpoint)
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask structure: single entries, or whole aligned 16x16 / 32x32 tiles (scores pooled by "
                         "tile mean; the budget still counts entries, rounded to whole tiles; see docs/gpu.md)")
     m.add_argument("--magnitude-order", default="largest", choices=["largest", "smallest"], help="for --method magnitude")
-    m.add_argument("--calib-examples", type=int, default=1024,
+    m.add_argument("--calib-examples", type=int, default=_CALIB.examples,
                    help="calibration examples for the data-driven scorers (the first N of the training split in a seeded "
                         "order, capped by its size; causal LMs: training sequences)")
     m.add_argument("--calib-batch-size", type=int,
@@ -148,27 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "many as keep one micro-batch's activations within --calib-memory-mb, measured on one example "
                         "of the longest calibration batch (grasp: 1; fisher always uses 1). Selection memory is the "
                         "score buffers plus one micro-batch's activations (docs/scoring.md)")
-    m.add_argument("--calib-memory-mb", type=float, default=256.0,
+    m.add_argument("--calib-memory-mb", type=float, default=_CALIB.memory_mb,
                    help="with --calib-micro-batch auto: the activations one micro-batch may keep for its backward "
                         "pass, in MiB")
-    m.add_argument("--d3-epsilon", type=float, default=1e-3, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
-    m.add_argument("--d3-exponent", type=float, default=0.0, help="exponent e of the d3 score (0: d3 is |g|)")
+    m.add_argument("--d3-epsilon", type=float, default=_ID3.d3_epsilon, help="epsilon of the d3 score |g|/(|w|+eps)^e (scorer d3 and id3)")
+    m.add_argument("--d3-exponent", type=float, default=_ID3.d3_exponent, help="exponent e of the d3 score (0: d3 is |g|)")
     m.add_argument("--schedule", default="static", choices=list(registry.SCHEDULES),
                    help="; ".join(f"{name}: {text}" for name, text in registry.SCHEDULES.items()))
-    m.add_argument("--update-every", type=int, default=128, help="dynamic: optimizer steps between rescorings")
-    m.add_argument("--score-window", type=int, default=8,
+    m.add_argument("--update-every", type=int, default=_DYNAMIC.update_every, help="dynamic: optimizer steps between rescorings")
+    m.add_argument("--score-window", type=int, default=_DYNAMIC.score_window,
                    help="dynamic and grow-drop: score from the dense gradients of this many steps before each "
                         "update (the other steps run the sparse path only)")
-    m.add_argument("--drop-policy", default="merge", choices=list(DROP_POLICIES),
+    m.add_argument("--drop-policy", default=_DYNAMIC.drop_policy, choices=list(DROP_POLICIES),
                    help="dynamic: fold dropped entries into the base weight (merge, recorded in the adapter) or discard them")
     m.add_argument("--quantize", choices=list(QUANTIZE_FORMATS),
                    help="keep the targeted layers' frozen weights quantized (bitsandbytes): nf4 (4-bit) or int8; the "
                         "trained values stay in float. With --method lora this is QLoRA. Not with dst or full")
     m.add_argument("--train-bias", action="store_true", help="also train the biases of targeted layers (densely)")
-    m.add_argument("--unmask-every", type=int, default=1,
+    m.add_argument("--unmask-every", type=int, default=_ID3.unmask_every,
                    help="id3: unmask every K optimizer steps (same total budget; fewer dense-gradient steps)")
-    m.add_argument("--grow-drop-every", type=int, default=20, help="grow-drop: swap entries every N steps")
-    m.add_argument("--grow-drop-fraction", type=float, default=0.2,
+    m.add_argument("--grow-drop-every", type=int, default=_GROW_DROP.every, help="grow-drop: swap entries every N steps")
+    m.add_argument("--grow-drop-fraction", type=float, default=_GROW_DROP.fraction,
                    help="grow-drop: fraction swapped at the start, decaying (cosine) to 0")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float,
