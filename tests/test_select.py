@@ -350,3 +350,27 @@ def test_streaming_topk_wants_every_layer_in_order():
     stream.add("a", torch.zeros(3))
     with pytest.raises(ValueError, match="scored"):
         stream.result()
+
+
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+@pytest.mark.parametrize("selection", ["global", "per-layer"])
+@pytest.mark.parametrize("granularity", ["entry", "tile16"])
+def test_layerwise_scorers_select_one_layer_at_a_time_with_the_same_result(method, selection, granularity,
+                                                                             bert_factory, monkeypatch):
+    from sparseft.methods import static
+    from sparseft.scoring import compute_scores
+    from sparseft.tiles import select_entries
+
+    cfg = SparseConfig(method=method, density=0.05, selection=selection, granularity=granularity, seed=3)
+    model = get_sparse_model(bert_factory(hidden=32), cfg)
+    layers = model.sparse_layers()
+    scored = []
+    real = static.compute_scores
+    monkeypatch.setattr(static, "compute_scores", lambda m, ls, **kw: scored.append(list(ls)) or real(m, ls, **kw))
+    streamed = static.score_and_select(model)
+    assert scored == [[name] for name in layers]  # one layer's scores at a time
+    whole = select_entries(compute_scores(method, layers, seed=3, order="largest"), static.weight_shapes(layers),
+                           resolve_budget(cfg, model.target_shapes()), selection, granularity)
+    assert streamed.keys() == whole.keys()
+    for name in whole:
+        assert torch.equal(streamed[name], whole[name]), name

@@ -36,6 +36,8 @@ class MethodSpec:
     ``options``: the ``SparseConfig`` fields (dotted for option objects) it reads beyond
     the budget, targets, selection and seed that every method reads.
     ``lr_family``: the rule of ``lr_rule.py`` that gives its default learning rate.
+    ``layerwise``: a layer's scores depend on that layer alone, so selection scores one
+    layer at a time into a streaming top-k (one layer's scores alive, not every layer's).
     """
 
     name: str
@@ -48,6 +50,7 @@ class MethodSpec:
     can_run_dynamic: bool = False
     options: tuple[str, ...] = ()
     lr_family: str = GRADIENT_FAMILY
+    layerwise: bool = False
     # A scorer may also choose its static index sets itself, with less memory than scoring
     # every entry first (grasp: group by group into a streaming top-k).
     selector: str = ""
@@ -79,9 +82,10 @@ _D3 = ("id3.d3_epsilon", "id3.d3_exponent")
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     _scorer("random", "U(0, 1) per entry, seeded: a uniform random subset (random masking)",
-            "scorers:random_scores", data_free=True, can_run_dynamic=True, lr_family=DATA_FREE_FAMILY),
+            "scorers:random_scores", data_free=True, can_run_dynamic=True, lr_family=DATA_FREE_FAMILY, layerwise=True),
     _scorer("magnitude", "|w|, or -|w| to prefer the smallest weights (PaFi)", "scorers:magnitude_scores",
-            data_free=True, can_run_dynamic=True, options=("magnitude_order",), lr_family=DATA_FREE_FAMILY),
+            data_free=True, can_run_dynamic=True, options=("magnitude_order",), lr_family=DATA_FREE_FAMILY,
+            layerwise=True),
     _scorer("gradient", "|g|, g the mean gradient over the calibration batches", "scorers:gradient_scores",
             needs_calibration=True, gradient_based=True, can_run_dynamic=True, options=_CALIBRATION),
     _scorer("snip", "|w g|", "scorers:snip_scores",

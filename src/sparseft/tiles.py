@@ -22,7 +22,7 @@ Rules (the same for every scorer and method):
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -189,6 +189,22 @@ def select_entries(scores: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
         return select_topk(scores, budget, selection, consume=consume)
     pooled = {n: pool_scores(s, shapes[n], t) for n, s in scores.items()}
     return select_tiles(pooled, shapes, t, budget, selection)
+
+
+def select_streamed(per_layer: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple[int, int]],
+                    budget: int, selection: str, granularity: str) -> dict[str, torch.Tensor]:
+    """``select_entries`` over (name, scores) pairs that arrive one layer at a time, in the
+    order of ``shapes``, holding one layer's scores at a time (plus the running top-k, or
+    the tiles' pooled scores, 1/t² of the entries): the same index sets."""
+    t = tile_side(granularity)
+    if t > 1:
+        return select_tiles({n: pool_scores(s, shapes[n], t) for n, s in per_layer}, shapes, t, budget, selection)
+    from .select import StreamingTopK
+
+    top = StreamingTopK({n: rows * cols for n, (rows, cols) in shapes.items()}, budget, selection)
+    for name, scores in per_layer:
+        top.add(name, scores)
+    return top.result()
 
 
 def is_tiled(indices: torch.Tensor, shape: tuple[int, int], t: int) -> bool:

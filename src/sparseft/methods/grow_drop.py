@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from ..scoring import GradientSum, random_scores
+from ..scoring import GradientSum
 from ..select import resolve_budget, select_topk
-from ..tiles import (expand_tiles, indexed_tiles, pool_entry_values, pool_scores, select_entries, tile_count,
+from ..tiles import (expand_tiles, indexed_tiles, pool_entry_values, pool_scores, select_streamed, tile_count,
                      tile_of_entries, tile_side, top_tiles)
 from .base import Method
 from .id3 import grow
-from .static import weight_shapes
+from .static import scores_by_layer, weight_shapes
 
 
 class GrowDrop(Method):
@@ -43,8 +43,8 @@ class GrowDrop(Method):
         cfg = self.config
         layers = model.sparse_layers()
         self.budget = resolve_budget(cfg, model.target_shapes())
-        model.set_index_sets(select_entries(random_scores(layers, seed=cfg.seed), weight_shapes(layers), self.budget,
-                                            cfg.selection, cfg.granularity))
+        model.set_index_sets(select_streamed(scores_by_layer("random", layers, seed=cfg.seed), weight_shapes(layers),
+                                             self.budget, cfg.selection, cfg.granularity))
         self._dense = GradientSum()
         self.swapped: list[tuple[int, int]] = []  # (step, entries swapped)
 
