@@ -10,6 +10,13 @@ import torch
 # busy 2-core machine made this suite 4x slower (40 s vs 9 s). Override for experiments.
 torch.set_num_threads(int(os.environ.get("SPARSEFT_TEST_THREADS", "1")))
 
+# Without a GPU, Triton runs only in its interpreter (tests/test_triton.py). The mode is
+# read when a function is decorated, and triton.language's own helpers (tl.sum, ...) are
+# decorated when triton is first imported, which torch._dynamo does as a side effect of
+# other tests' imports: set it before anything can import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 VOCAB = 100
 HIDDEN = 32
 LAYERS = 2
