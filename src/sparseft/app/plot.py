@@ -91,8 +91,11 @@ def best_rate(by_rate: dict[Any, dict[Any, dict[str, Any]]]) -> Any:
 def series(row: dict[str, Any]) -> str:
     """The method, with the grid variant the run belongs to (if any), marked when the run
     took the default rate rather than a given one."""
-    return (row["method"] + (f" [{row['variant']}]" if row.get("variant") else "")
-            + (" (default lr)" if row.get("lr_given") == "auto" else ""))
+    return _method_and_variant(row) + (" (default lr)" if row.get("lr_given") == "auto" else "")
+
+
+def _method_and_variant(row: dict[str, Any]) -> str:
+    return row["method"] + (f" [{row['variant']}]" if row.get("variant") else "")
 
 
 def paired_vs_lora(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -123,8 +126,7 @@ def default_vs_tuned(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_group: dict[tuple, dict[Any, dict[Any, dict]]] = defaultdict(lambda: defaultdict(dict))
     defaults: dict[tuple, dict[Any, dict]] = defaultdict(dict)
     for row in rows:
-        key = (row.get("task"), row["method"] + (f" [{row['variant']}]" if row.get("variant") else ""),
-               row.get("budget", ""))
+        key = (row.get("task"), _method_and_variant(row), row.get("budget", ""))
         by_group[key][row.get("lr")][row.get("seed")] = row
         if row.get("lr_given") == "auto":
             defaults[key][row.get("seed")] = row

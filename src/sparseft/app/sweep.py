@@ -120,7 +120,8 @@ def _budget_label(budget: dict[str, Any]) -> str:
 
 def expand(grid: dict[str, Any]) -> list[Run]:
     base = dict(grid.get("base") or {})
-    variants = {str(name): dict(opts or {}) for name, opts in (grid.get("variants") or {None: {}}).items()}
+    variants = {None if name is None else str(name): dict(opts or {})
+                for name, opts in (grid.get("variants") or {None: {}}).items()}
     for where, options in [("base", base)] + [(f"variant {name!r}", opts) for name, opts in variants.items()]:
         for key in ("out", "method", "lr", "seed", *BUDGET_KEYS):
             if key in options:
@@ -138,7 +139,7 @@ def expand(grid: dict[str, Any]) -> list[Run]:
                 for seed in seeds:
                     for variant, extra in variants.items():
                         name = (f"{method}-{_budget_label(budget)}" + (f"-lr{lr:g}" if lr is not None else "")
-                                + f"-s{seed}" + (f"-{variant}" if variant != "None" else ""))
+                                + f"-s{seed}" + (f"-{variant}" if variant is not None else ""))
                         argv = ["train", "--out", str(out / name), "--method", method, "--seed", str(seed),
                                 "--no-progress", "--log-every", str(SWEEP_LOG_EVERY)]
                         for key, value in budget.items():
@@ -147,8 +148,7 @@ def expand(grid: dict[str, Any]) -> list[Run]:
                             argv += ["--lr", str(lr)]
                         for key, value in {**base, **extra}.items():
                             argv += _flag(key, value)
-                        runs.append(Run(name, method, dict(budget), lr, seed, argv,
-                                        variant if variant != "None" else None))
+                        runs.append(Run(name, method, dict(budget), lr, seed, argv, variant))
     return runs
 
 

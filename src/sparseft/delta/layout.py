@@ -86,19 +86,11 @@ class IndexLayout:
             self._rows = torch.div(self.indices, self.weight_shape[1], rounding_mode="floor").to(torch.int32)
         return self._rows
 
-    @rows.setter
-    def rows(self, value: torch.Tensor) -> None:
-        self._rows = value
-
     @property
     def flat_long(self) -> torch.Tensor:
         if self._flat_long is None:
             self._flat_long = self.indices.long()
         return self._flat_long
-
-    @flat_long.setter
-    def flat_long(self, value: torch.Tensor) -> None:
-        self._flat_long = value
 
     @property
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
