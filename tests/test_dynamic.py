@@ -51,7 +51,7 @@ class Recorder:
         for name, layer in model.sparse_layers().items():
             state = optimizer.state.get(layer.values, {})
             snap[name] = {"idx": layer.indices.clone(), "val": layer.values.detach().clone(),
-                          **{k: v.clone() for k, v in state.items()}}
+                          **{k: v.expand(layer.values.shape).clone() for k, v in state.items()}}  # a 0-dim step too
         return snap
 
 

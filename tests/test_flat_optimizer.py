@@ -87,3 +87,23 @@ def test_packed_state_saves_and_restores(tmp_path):
     fresh.load_state_dict(state)
     _step(model, fresh, 1)  # loaded state is separate tensors: packed again
     assert len({v.untyped_storage().data_ptr() for v in model.sparse_parameters()}) == 1
+
+
+def test_a_static_mask_keeps_one_step_count_per_parameter_and_older_per_entry_counts_still_load():
+    model, other = _pair(density=0.1)
+    opt, old_format = _opt(model, True), _opt(other, True)
+    _step(model, opt, 0)
+    _step(other, old_format, 0)
+    assert all(opt.state[p]["step"].dim() == 0 for p in model.sparse_parameters())  # not 4 bytes per entry
+    # a state saved with one count per entry (as earlier versions did) gives the same steps
+    state = old_format.state_dict()
+    for i, p in enumerate(other.sparse_parameters()):  # the first group's: state keys 0..n-1
+        state["state"][i]["step"] = state["state"][i]["step"].expand(p.shape).clone()
+    old_format = _opt(other, True)
+    old_format.load_state_dict(state)
+    for seed in (1, 2):
+        _step(model, opt, seed)
+        _step(other, old_format, seed)
+    for pa, pb in zip(model.sparse_parameters(), other.sparse_parameters()):
+        assert torch.equal(pa, pb)
+        assert torch.equal(old_format.state[pb]["step"], torch.full(pb.shape, 3.0))

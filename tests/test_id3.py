@@ -117,7 +117,7 @@ def test_first_update_of_a_new_entry_has_fresh_adam_bias_correction():
             for name, (idx, grads) in new.items():
                 layer = model.sparse_layers()[name]
                 pos = torch.searchsorted(layer.indices, idx)
-                steps = opt.state[layer.values]["step"]
+                steps = opt.state[layer.values]["step"].expand(layer.values.shape)  # 0-dim while all agree
                 assert bool((steps[pos] == 1).all())  # a per-entry count: 1, whatever the global step
                 older = torch.ones_like(steps, dtype=torch.bool)
                 older[pos] = False

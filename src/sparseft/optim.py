@@ -3,7 +3,10 @@
 torch's AdamW keeps one step count per parameter; an entry added at step 500 would
 then get a first update of about 3x the learning rate (bias correction already
 decayed). Here every entry carries its own count, and ``remap_entries`` moves state
-when the index set of a sparse delta changes.
+when the index set of a sparse delta changes. While all of a parameter's entries have
+the same age (a static mask, a dense silo, a head, or entries that all moved at once) the
+count is one 0-dim tensor, as in torch's AdamW; it becomes a tensor of one count per entry
+only when ``remap_entries`` brings entries of different ages together.
 
 With ``flat=True`` (the default) the parameters that step together (same group, age,
 device and dtype) are packed into one flat buffer, each parameter (and each of its state
@@ -47,7 +50,7 @@ class SparseAdamW(torch.optim.Optimizer):
         state = self.state[p]
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         self._set_age(state["step"], 0)
         return state
 
@@ -143,10 +146,7 @@ class SparseAdamW(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         if pack is not None and pack.holds(params, states):
             return pack
-        ages = [self._age(s["step"]) for s in states]
         pack = _FlatPack(params, states)
-        for s, age in zip(states, ages):
-            self._set_age(s["step"], age)
         self._packs = {k: v for k, v in self._packs.items() if k[0] != g}  # one pack per group
         self._packs[key] = pack
         return pack
@@ -157,7 +157,7 @@ class SparseAdamW(torch.optim.Optimizer):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         grad = pack.gather_grads(params)
         values, exp_avg, exp_avg_sq = pack.values, pack.exp_avg, pack.exp_avg_sq
-        pack.step.add_(1)
+        torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         if wd:
             values.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)
@@ -199,28 +199,32 @@ class SparseAdamW(torch.optim.Optimizer):
         old = self.state.get(p)
         if not old:
             return
-        fresh = {key: torch.zeros(p.shape, dtype=val.dtype, device=p.device) for key, val in old.items()}
         old_positions = old_positions.long()
         new_positions = new_positions.long()
-        for key in fresh:
-            fresh[key][new_positions] = old[key][old_positions]
         # The entries' common age survives only if no fresh entry (age 0) joins older ones.
         age = self._age(old["step"])
         if new_positions.numel() == 0:
             age = 0
         elif new_positions.numel() != p.numel() and age != 0:
             age = None
+        fresh = {}
+        for key, val in old.items():
+            if key == "step" and age is not None:
+                fresh[key] = torch.full((), float(age), dtype=val.dtype, device=p.device)
+                continue
+            fresh[key] = torch.zeros(p.shape, dtype=val.dtype, device=p.device)
+            fresh[key][new_positions] = val[old_positions] if val.dim() else val
         self._ages.pop(id(old["step"]), None)
         self._set_age(fresh["step"], age)
         self.state[p] = fresh
 
 
 class _FlatPack:
-    """Parameters (and their exp_avg, exp_avg_sq, step) moved into flat buffers, each one a
-    view at the same offset of its buffer; plus a flat buffer their gradients are gathered
-    into at each step."""
+    """Parameters (and their exp_avg, exp_avg_sq) moved into flat buffers, each one a view
+    at the same offset of its buffer; plus a flat buffer their gradients are gathered into
+    at each step. Their step counts (all of one age) stay separate 0-dim tensors."""
 
-    KEYS = ("exp_avg", "exp_avg_sq", "step")
+    KEYS = ("exp_avg", "exp_avg_sq")
 
     @torch.no_grad()
     def __init__(self, params: list[torch.Tensor], states: list[dict]):
@@ -230,17 +234,15 @@ class _FlatPack:
         self.values = torch.empty(total, dtype=first.dtype, device=first.device)
         self.exp_avg = torch.empty_like(self.values)
         self.exp_avg_sq = torch.empty_like(self.values)
-        self.step = torch.empty(total, dtype=states[0]["step"].dtype, device=first.device)
         self.grad = torch.empty_like(self.values)
         self.offsets = []
         offset = 0
         for p, state, n in zip(params, states, sizes):
             self.offsets.append(offset)
-            for buf, src in ((self.values, p), (self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"]),
-                             (self.step, state["step"])):
+            for buf, src in ((self.values, p), (self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"])):
                 buf[offset:offset + n].copy_(src.reshape(-1))
             p.set_(self.values.untyped_storage(), offset, p.shape, p.stride())
-            for key, buf in zip(self.KEYS, (self.exp_avg, self.exp_avg_sq, self.step)):
+            for key, buf in zip(self.KEYS, (self.exp_avg, self.exp_avg_sq)):
                 state[key] = buf[offset:offset + n].view(state[key].shape)
             offset += n
         self._pointers = self._layout(params, states)
