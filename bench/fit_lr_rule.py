@@ -1,10 +1,13 @@
 """Fit the default-rate rule (src/sparseft/lr_rule.py) to learning-rate sweeps.
 
-For each method and budget in a results.jsonl, the rate with the best validation score
-is taken (test scores are not used), then log(lr) = log(LR_AT_REF) - EXPONENT * log(density
-/ REF_DENSITY) is fitted by least squares over the budgets. Prints the table and the fit.
+For each task, method and budget in the results.jsonl files, the rate with the best
+validation score is taken (test scores are not used; seeds are averaged), then log(lr) =
+log(LR_AT_REF) - EXPONENT * log(density / REF_DENSITY) is fitted by least squares over the
+budgets and tasks. --pool fits all the given methods as one family. Prints the table and the fit.
 
     python bench/fit_lr_rule.py docs/results/rt-sentiment-lr/results.jsonl --methods random gradient
+    python bench/fit_lr_rule.py docs/results/bbc-topic-heldout/results.jsonl \
+        docs/results/rtgen-long/results.jsonl --methods random grow-drop --pool
 """
 from __future__ import annotations
 
@@ -18,22 +21,23 @@ from sparseft.lr_rule import REF_DENSITY
 
 
 def best_rates(rows, methods):
-    """{method: [(density, best lr, its validation score, lrs tried)]}, by budget."""
+    """{method: [(task, density, best lr, its validation score, lrs tried)]}, by task and budget."""
     by = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if row["method"] in methods and row.get("lr_given") != "auto":
-            by[(row["method"], row["density"])][row["lr"]].append(row["validation_score"])
+        if row["method"] in methods:
+            by[(row["method"], row["task"], row["density"])][round(row["lr"], 12)].append(row)
     out = defaultdict(list)
-    for (method, density), by_lr in sorted(by.items()):
-        lr, scores = max(by_lr.items(), key=lambda kv: statistics.fmean(kv[1]))
-        out[method].append((density, lr, statistics.fmean(scores), sorted(by_lr)))
+    for (method, task, density), by_lr in sorted(by.items()):
+        sign = 1 if by_lr[next(iter(by_lr))][0].get("higher_is_better", True) else -1
+        lr, runs = max(by_lr.items(), key=lambda kv: sign * statistics.fmean(r["validation_score"] for r in kv[1]))
+        out[method].append((task, density, lr, statistics.fmean(r["validation_score"] for r in runs), sorted(by_lr)))
     return out
 
 
 def fit(points):
     """Least squares of log lr on log(density / REF_DENSITY): (lr at REF_DENSITY, exponent)."""
-    xs = [math.log(d / REF_DENSITY) for d, *_ in points]
-    ys = [math.log(lr) for _, lr, *_ in points]
+    xs = [math.log(d / REF_DENSITY) for _, d, *_ in points]
+    ys = [math.log(lr) for _, _, lr, *_ in points]
     if len(points) < 2:
         return math.exp(ys[0]), None
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -43,14 +47,19 @@ def fit(points):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results")
+    parser.add_argument("results", nargs="+")
     parser.add_argument("--methods", nargs="+", default=["random", "gradient"])
+    parser.add_argument("--pool", action="store_true", help="fit the given methods together, as one family")
     args = parser.parse_args()
-    for method, points in best_rates(read_results(args.results), args.methods).items():
-        print(f"{method}:")
-        for density, lr, val, tried in points:
+    rows = [row for path in args.results for row in read_results(path)]
+    by_method = best_rates(rows, args.methods)
+    groups = {" + ".join(by_method): [p for points in by_method.values() for p in points]} if args.pool else by_method
+    for name, points in groups.items():
+        print(f"{name}:")
+        for task, density, lr, val, tried in points:
             edge = " (at an end of the range)" if lr in (tried[0], tried[-1]) else ""
-            print(f"  density {density:.5f}: best lr {lr:g} (validation {val:.4f}; tried {', '.join(f'{x:g}' for x in tried)}){edge}")
+            print(f"  {task} density {density:.5f}: best lr {lr:g} (validation {val:.4f}; "
+                  f"tried {', '.join(f'{x:g}' for x in tried)}){edge}")
         at_ref, exponent = fit(points)
         print(f"  fit: lr at REF_DENSITY {at_ref:.4g}" + ("" if exponent is None else f", exponent {exponent:.3f}"))
 
