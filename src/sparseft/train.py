@@ -49,6 +49,13 @@ class TrainingArguments:
     # also print a plain line (step, loss, seconds a step, time left) every N optimizer
     # steps, for logs where a progress bar does not read (sweeps, batch jobs); 0 = off
     log_every: int = 0
+    # The training forward and loss under torch.autocast(<the model's device type>, bfloat16):
+    # matmuls in bf16, the trained values, their gradients and optimizer state stay float32.
+    # ``eval_fn`` is called outside autocast (in the model's own dtype).
+    bf16: bool = False
+    # Non-reentrant activation checkpointing on the wrapped transformers model
+    # (``enable_gradient_checkpointing``): less activation memory, one more forward per step.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lr, str):
@@ -70,6 +77,9 @@ class TrainingArguments:
             raise ValueError("save_every and save_minutes must not be negative")
         if self.log_every < 0:
             raise ValueError("log_every must not be negative")
+        for name in ("bf16", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _log_step(result: "TrainResult", total: int, window: int) -> None:
@@ -332,6 +342,36 @@ class SparseController:
         self.after_optimizer_step(ctx.number, ctx.batch, optimizer)
 
 
+def enable_gradient_checkpointing(model: Any, checkpoint_kwargs: dict[str, Any] | None = None) -> None:
+    """Activation checkpointing on the transformers model ``model`` is or wraps (a SparseModel
+    passes the call to its base model); ``checkpoint_kwargs`` go to torch.utils.checkpoint
+    (default: non-reentrant). It stays on after training, and acts only in training mode.
+    """
+    kwargs = {"use_reentrant": False} if checkpoint_kwargs is None else checkpoint_kwargs
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # its name in newer transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        name = type(model).__name__
+        if callable(getattr(model, "get_base_model", None)):
+            name += f" wrapping {type(model.get_base_model()).__name__}"
+        raise ValueError("gradient checkpointing needs a transformers model (one with gradient_checkpointing_enable "
+                         f"or activation_checkpointing_enable); {name} has neither")
+
+
+def _forward_precision(args: TrainingArguments, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the training forward runs in: bf16 autocast with ``args.bf16``, else none."""
+    if not args.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _check_bf16(args: TrainingArguments, device: torch.device) -> None:
+    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bf16 autocast needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has none")
+
+
 def _count_tokens(batch: dict) -> int:
     mask = batch.get("attention_mask")
     if mask is not None:
@@ -385,12 +425,15 @@ def _train(model, train_loader, args, eval_fn, optimizer, checkpoint_dir, resume
 
     torch.manual_seed(args.seed)
     total = planned_steps(args, len(train_loader))
+    device = next(model.parameters()).device
+    _check_bf16(args, device)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if optimizer is None:
         optimizer = create_optimizer(model, args.lr, args.weight_decay, args.head_lr)
     start_lr = optimizer.param_groups[0]["lr"]
     scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total), total)
     controller = SparseController(model, optimizer)  # before the DDP wrapper: it marks the values as DDP-ignored
-    device = next(model.parameters()).device
     # Under torch.distributed (torchrun / accelerate launch) dense trainable parameters are
     # reduced by DDP and the sparse values by the controller; each rank feeds its own shard
     # of the data (give ``train_loader`` a DistributedSampler).
@@ -437,7 +480,8 @@ def _train(model, train_loader, args, eval_fn, optimizer, checkpoint_dir, resume
             if loop["micro_in_epoch"] % args.grad_accum == 0:
                 controller.before_optimizer_step(result.steps + 1)
                 step_finite = True
-            loss = forward(**batch).loss
+            with _forward_precision(args, device):
+                loss = forward(**batch).loss
             (loss / args.grad_accum).backward()
             step_loss += loss.item() / args.grad_accum
             result.tokens += _count_tokens(batch)

@@ -26,6 +26,7 @@ from .. import quant
 from ..config import QUANTIZE_FORMATS, ConfigError
 from ..delta import linear_shape
 from ..inject import find_target_modules, output_head_names
+from ..train import enable_gradient_checkpointing
 
 BASELINE_METHODS = ("lora", "full", "shira", "supertuning")
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "shira": 5e-3, "supertuning": 5e-3}
@@ -128,6 +129,10 @@ class BaselineModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+        """Checkpointing on the transformers model underneath (through peft's wrapper)."""
+        enable_gradient_checkpointing(self.model, activation_checkpointing_kwargs)
 
     def _is_head(self, name: str) -> bool:
         parts = name.split(".")
