@@ -190,3 +190,48 @@ def test_method_option_defaults_are_the_librarys():
     assert (ns.update_every, ns.drop_policy) == (dynamic.update_every, dynamic.drop_policy)
     assert ns.score_window == dynamic.score_window == grow_drop.score_window
     assert (ns.grow_drop_every, ns.grow_drop_fraction) == (grow_drop.every, grow_drop.fraction)
+
+
+@pytest.mark.parametrize("method", ["random", "lora"])
+def test_bf16_and_gradient_checkpointing_reach_training_and_metrics(tmp_path, tiny_model_dir, csv_files, monkeypatch,
+                                                                     method):
+    import importlib
+
+    import torch
+
+    training = importlib.import_module("sparseft.train")  # the module (sparseft.train is also the function)
+    if method == "lora":
+        pytest.importorskip("peft")
+    seen = {"checkpointing": [], "autocast": []}
+    enable, precision = training.enable_gradient_checkpointing, training._forward_precision
+
+    def record_checkpointing(model, *args):
+        seen["checkpointing"].append(type(model).__name__)
+        return enable(model, *args)
+
+    def record_precision(args, device):
+        context = precision(args, device)
+        seen["autocast"].append(isinstance(context, torch.autocast))
+        return context
+
+    monkeypatch.setattr(training, "enable_gradient_checkpointing", record_checkpointing)
+    monkeypatch.setattr(training, "_forward_precision", record_precision)
+    out = tmp_path / method
+    argv = _tiny_train_args(tiny_model_dir, csv_files, out, "--max-steps", "2", "--bf16", "--gradient-checkpointing")
+    if method == "lora":
+        argv[argv.index("--density"):argv.index("--density") + 2] = ["--method", "lora", "--lora-rank", "2"]
+    assert main(argv) == 0
+    assert seen["checkpointing"] == ["SparseModel" if method == "random" else "BaselineModel"]
+    assert seen["autocast"] and all(seen["autocast"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    spec = json.loads((out / "run_spec.json").read_text())
+    for training_block in (metrics["training"], spec["training"]):
+        assert training_block["bf16"] is True and training_block["gradient_checkpointing"] is True
+    assert metrics["method"] == method and metrics["steps"] == 2
+
+
+def test_bf16_and_gradient_checkpointing_are_off_by_default():
+    from sparseft.app.options import spec_from_args
+
+    training = spec_from_args(build_parser().parse_args(["train", "--out", "x"])).training
+    assert training.bf16 is False and training.gradient_checkpointing is False

@@ -239,3 +239,16 @@ def test_sweep_runs_log_a_line_every_ten_steps_unless_the_grid_says_otherwise(tm
     (tmp_path / "g.json").write_text(json.dumps(grid))
     parsed = [build_parser().parse_args(run.argv) for run in expand(load_grid(tmp_path / "g.json"))]
     assert [ns.log_every for ns in parsed] == [10, 0]
+
+
+def test_a_grid_base_can_train_in_bf16_with_gradient_checkpointing(tmp_path):
+    from sparseft.app.options import build_parser, spec_from_args
+    from sparseft.app.sweep import expand, load_grid
+
+    grid = {"out": str(tmp_path / "out"), "methods": ["random", "lora"], "budgets": [{"match_lora_rank": 1}],
+            "base": {"bf16": True, "gradient_checkpointing": True, "max_steps": 2}}
+    (tmp_path / "g.json").write_text(json.dumps(grid))
+    for run in expand(load_grid(tmp_path / "g.json")):
+        assert "--bf16" in run.argv and "--gradient-checkpointing" in run.argv
+        training = spec_from_args(build_parser().parse_args(run.argv)).training
+        assert training.bf16 is True and training.gradient_checkpointing is True

@@ -28,6 +28,7 @@ TRAIN_EXAMPLES = """examples:
   sparseft train --task bbc-topic --method gradient --match-lora-rank 4 --epochs 3 --out runs/grad
   sparseft train --method lora --lora-rank 8 --out runs/lora8
   sparseft train --model smollm2 --task rt-gen --method random --match-lora-rank 4 --out runs/gen
+  sparseft train --model smollm2 --task bbc-lm --match-lora-rank 8 --quantize nf4 --bf16 --gradient-checkpointing --out runs/q
   sparseft train --train-file train.csv --eval-file test.csv --text-column review --label-column sentiment --out runs/mine
 """
 
@@ -192,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--keep-checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
     o.add_argument("--skip-nonfinite", action="store_true",
                    help="skip and count steps whose loss or gradients are NaN/inf, instead of stopping")
+    o.add_argument("--bf16", action="store_true",
+                   help="train under bfloat16 autocast: the training forward's matmuls run in bf16; the trained "
+                        "parameters, their gradients and the optimizer state stay float32. Selection (calibration) "
+                        "and evaluation run in float32. On the CPU or a GPU with bf16 support")
+    o.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass instead of keeping them "
+                        "(non-reentrant activation checkpointing of the model's layers): less memory, one more "
+                        "forward pass a step. Training only, not selection")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="also print a line (step, loss, seconds a step, time left) every N steps, for logs "
@@ -293,7 +302,7 @@ def spec_from_args(ns: argparse.Namespace) -> RunSpec:
         epochs=ns.epochs, max_steps=ns.max_steps, grad_accum=ns.grad_accum, warmup_ratio=ns.warmup_ratio,
         eval_every=ns.eval_every, seed=ns.seed, progress=not ns.no_progress, log_every=ns.log_every,
         save_every=ns.save_every, save_minutes=ns.save_minutes, keep_checkpoints=ns.keep_checkpoints,
-        skip_nonfinite=ns.skip_nonfinite,
+        skip_nonfinite=ns.skip_nonfinite, bf16=ns.bf16, gradient_checkpointing=ns.gradient_checkpointing,
     )
     return RunSpec(out=ns.out, model=ns.model, data=task_options(ns), sparse=sparse, training=training,
                    baseline=baseline, device=ns.device)
