@@ -228,3 +228,25 @@ def test_lora_baseline_runs_its_matmuls_in_bf16():
     train(model, lm_batches(1), args(max_steps=1, bf16=True, gradient_checkpointing=True),
           optimizer=model.create_optimizer(5e-3))
     assert dtypes == {torch.bfloat16} and checkpointing_on(base)
+
+
+@pytest.mark.parametrize("method", ["random", "lora"])
+def test_an_nf4_base_trains_with_both_flags(method):
+    """The QLoRA-like setup: a sparse run on an NF4 base, and QLoRA itself."""
+    pytest.importorskip("bitsandbytes")
+    base = tiny_llama()
+    dtypes = set()
+    if method == "random":
+        model = sparseft.get_sparse_model(base, sparseft.SparseConfig(method="random", density=0.2, quantize="nf4"))
+        optimizer, lr = None, 1e-2
+    else:
+        pytest.importorskip("peft")
+        from sparseft.app.baselines import BaselineConfig, get_baseline_model
+
+        model = get_baseline_model(base, BaselineConfig(method="lora", lora_rank=4, quantize="nf4"))
+        optimizer, lr = model.create_optimizer(5e-3), 5e-3
+    base.lm_head.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    result = train(model, lm_batches(4), args(epochs=4, lr=lr, bf16=True, gradient_checkpointing=True),
+                   optimizer=optimizer)
+    assert checkpointing_on(base) and dtypes == {torch.bfloat16}
+    assert mean(result.losses[-4:]) < 0.95 * mean(result.losses[:4])
