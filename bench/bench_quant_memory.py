@@ -105,6 +105,7 @@ def build(setup: str, args):
     """(model, optimizer) for a setup; the model is in training mode."""
     import sparseft
     from sparseft.app.baselines import BaselineConfig, get_baseline_model
+    from sparseft.train import enable_gradient_checkpointing
 
     model = load_base(args.model, args.device, DTYPES[args.dtype])
     if setup.startswith("sparse"):
@@ -119,7 +120,7 @@ def build(setup: str, args):
         built = get_baseline_model(model, cfg)
         opt = built.create_optimizer(1e-4) if method != "full" else torch.optim.AdamW(model.parameters(), lr=1e-5)
     if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     built.train()
     return built, opt
 

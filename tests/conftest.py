@@ -114,6 +114,27 @@ def tiny_one_layer_bert(seed=0):
     return BertForSequenceClassification(cfg)
 
 
+def tiny_bert_classifier(seed=0, **config):
+    """A two-layer BERT classifier (2 labels); ``config`` overrides BertConfig fields (e.g. dropout)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=2, **config)
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_llama(seed=0, hidden=64):
+    """A two-layer Llama causal LM (vocabulary 64, grouped-query attention, tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
 class RowsDataset(torch.utils.data.Dataset):
     """A map-style dataset over a list of example dicts (what transformers.Trainer takes)."""
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from sparseft import ConfigError, SparseConfig, get_sparse_model
 from sparseft.config import CalibrationOptions, DynamicOptions, GrowDropOptions
 from sparseft.delta.layer import SparseDeltaLayer
-from sparseft.train import SparseController, create_optimizer
+from sparseft.train import SparseController, create_optimizer, enable_gradient_checkpointing
+
+from conftest import tiny_llama
 
 BF16 = torch.bfloat16
 
@@ -77,17 +79,6 @@ def test_float_base_layer_under_bf16_autocast_matches_a_dense_reference(kind, ba
     _close(base.bias.grad, ref_gb)
     assert torch.equal(base.weight, w0) and base.weight.dtype == torch.float32  # W restored, still float32
 
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
-
-
 def lm_batch(seed, batch=2, seq=12):
     ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -138,7 +129,7 @@ def test_one_bf16_autocast_step_matches_a_dense_reference(method, base_kind, che
         return
     base = tiny_llama()
     if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(base)
     base.train()
     cfg = SparseConfig(method=name, density=0.05, quantize=quantize, calibration=CalibrationOptions(examples=4), **opts)
     model = get_sparse_model(base, cfg, calibration_data=[lm_batch(0), lm_batch(1)])

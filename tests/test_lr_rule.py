@@ -3,21 +3,12 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
-from conftest import toy_batches
+from conftest import tiny_bert_classifier, toy_batches
 from sparseft import lr_rule
 from sparseft.lr_rule import REF_DENSITY, RULES, default_lr, rule_lr
 from sparseft.train import TrainingArguments, create_optimizer, train
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, num_labels=2)
-    return BertForSequenceClassification(cfg)
-
 
 @pytest.mark.parametrize("method,family", [("random", "data-free"), ("gradient", "gradient"), ("id3", "gradient"),
                                            ("dst", "gradient"), ("grow-drop", "data-free")])
@@ -58,7 +49,7 @@ def test_the_rule_refuses_what_it_does_not_cover():
 
 def test_a_budget_in_entries_or_lora_rank_is_turned_into_its_density():
     config = sparseft.SparseConfig(method="random", match_lora_rank=2)
-    model = sparseft.get_sparse_model(tiny_bert(), config)
+    model = sparseft.get_sparse_model(tiny_bert_classifier(), config)
     shapes = model.target_shapes()
     density = sum(2 * (o + i) for o, i in shapes.values()) / sum(o * i for o, i in shapes.values())
     assert default_lr(config, model) == pytest.approx(rule_lr("random", density))
@@ -67,7 +58,7 @@ def test_a_budget_in_entries_or_lora_rank_is_turned_into_its_density():
 
 
 def test_train_uses_the_rule_when_no_rate_is_given():
-    model = sparseft.get_sparse_model(tiny_bert(), sparseft.SparseConfig(method="random", density=0.03))
+    model = sparseft.get_sparse_model(tiny_bert_classifier(), sparseft.SparseConfig(method="random", density=0.03))
     args = TrainingArguments(max_steps=2, warmup_ratio=0.0, progress=False)
     assert args.lr == "auto"
     result = train(model, toy_batches(2, 4), args)
@@ -80,7 +71,7 @@ def test_train_uses_the_rule_when_no_rate_is_given():
 
 def test_auto_needs_a_sparse_model():
     with pytest.raises(sparseft.ConfigError, match="needs a SparseModel"):
-        lr_rule.resolve_lr("auto", tiny_bert())
+        lr_rule.resolve_lr("auto", tiny_bert_classifier())
 
 
 def test_the_cli_uses_the_rule_and_lr_overrides_it(tmp_path):

@@ -9,31 +9,10 @@ import torch
 import torch.nn as nn
 
 import sparseft
-from conftest import toy_batches
+from conftest import tiny_bert_classifier, tiny_llama, toy_batches
 from sparseft.train import SparseController, TrainingArguments, enable_gradient_checkpointing, train
 
 VOCAB = 64
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
-
-
-def tiny_classifier(seed=0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, num_labels=2)  # default dropout: checkpointing must replay it
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(cfg)
-
-
 def lm_batches(n, batch=4, seq=12, seed=0):
     """A learnable sequence task: each sequence counts up from a random start (mod VOCAB)."""
     gen = torch.Generator().manual_seed(seed)
@@ -105,7 +84,7 @@ def _train_setup(kind, flags):
     to ``flags``."""
     training = dict(epochs=6, bf16=flags, gradient_checkpointing=flags)
     if kind == "sparse-classifier":
-        base = tiny_classifier()
+        base = tiny_bert_classifier()
         return base, train(sparse(base, density=0.2), toy_batches(6, 16, seq_len=12), args(lr=3e-2, **training))
     base = tiny_llama()
     if kind == "sparse-lm":
@@ -144,7 +123,7 @@ def test_gradient_checkpointing_keeps_the_values_gradients(monkeypatch):
 
 def test_checkpointing_replays_dropout_so_training_matches_a_plain_run():
     batches = toy_batches(3, 8, seq_len=12)
-    plain, checkpointed = sparse(tiny_classifier()), sparse(tiny_classifier())
+    plain, checkpointed = sparse(tiny_bert_classifier()), sparse(tiny_bert_classifier())
     a = train(plain, batches, args(max_steps=3))
     b = train(checkpointed, batches, args(max_steps=3, gradient_checkpointing=True))
     assert a.losses == pytest.approx(b.losses, rel=1e-5)

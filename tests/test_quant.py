@@ -18,7 +18,9 @@ from sparseft import ConfigError, SparseConfig, SparseModel, get_sparse_model  #
 from sparseft import quant  # noqa: E402
 from sparseft.config import CalibrationOptions, DynamicOptions, GrowDropOptions, ID3Options  # noqa: E402
 from sparseft.delta.quantized import QuantizedSparseDeltaLayer  # noqa: E402
-from sparseft.train import SparseController, create_optimizer  # noqa: E402
+from sparseft.train import SparseController, create_optimizer, enable_gradient_checkpointing  # noqa: E402
+
+from conftest import tiny_llama  # noqa: E402
 
 FORMATS = ("nf4", "int8")
 
@@ -151,17 +153,6 @@ def test_merge_swaps_in_the_exact_float_weight_and_unmerge_restores_the_quantize
     assert layer.base_layer is base
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
 
-
-def tiny_llama(seed=0, hidden=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
-
-
 def lm_batches(n, batch=2, seq=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -208,7 +199,7 @@ def test_every_method_trains_on_a_quantized_base(name, variant):
     method = opts.pop("method", name)
     base = tiny_llama()
     if variant == "checkpointing":
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(base)
     base.train()
     cfg = SparseConfig(method=method, density=0.05, quantize="nf4", calibration=CalibrationOptions(examples=4), **opts)
     model = get_sparse_model(base, cfg, calibration_data=lm_batches(2))

@@ -3,28 +3,22 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import sparseft
-from conftest import RowsDataset, rows_of
+from conftest import RowsDataset, rows_of, tiny_bert_classifier
 from conftest import toy_batches as shared_toy_batches
 from sparseft.callback import SparseCallback
 from sparseft.train import TrainingArguments, create_optimizer, linear_schedule, train
 
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
-
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 def toy_batches(n_batches, batch_size, seed=0):
     return shared_toy_batches(n_batches, batch_size, seed, seq_len=12)
 
 
 def sparse_model(seed=0, density=0.2):
-    return sparseft.get_sparse_model(tiny_bert(seed), sparseft.SparseConfig(method="random", density=density, seed=seed))
+    return sparseft.get_sparse_model(tiny_bert_classifier(seed, **NO_DROPOUT),
+                                     sparseft.SparseConfig(method="random", density=density, seed=seed))
 
 
 def test_training_lowers_the_loss_and_only_touches_values_and_head():
@@ -102,7 +96,7 @@ def test_controller_step_is_the_four_calls_in_order():
     from sparseft.train import SparseController
 
     def run(by_hand):
-        model = sparseft.get_sparse_model(tiny_bert(0), sparseft.SparseConfig(
+        model = sparseft.get_sparse_model(tiny_bert_classifier(0, **NO_DROPOUT), sparseft.SparseConfig(
             method="gradient", density=0.1, schedule="dynamic", dynamic=dict(update_every=2, score_window=1)),
             calibration_data=toy_batches(1, 8))
         opt = create_optimizer(model, lr=1e-2)
