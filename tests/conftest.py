@@ -114,6 +114,9 @@ def tiny_one_layer_bert(seed=0):
     return BertForSequenceClassification(cfg)
 
 
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 def tiny_bert_classifier(seed=0, **config):
     """A two-layer BERT classifier (2 labels); ``config`` overrides BertConfig fields (e.g. dropout)."""
     from transformers import BertConfig, BertForSequenceClassification

@@ -16,13 +16,15 @@ from sparseft.delta import SparseDeltaLayer
 from sparseft.methods import DynamicMask
 from sparseft.callback import SparseCallback
 from sparseft.train import TrainingArguments, create_optimizer, train
-from test_train import tiny_bert, toy_batches
+from conftest import NO_DROPOUT, tiny_bert_classifier
+from test_train import toy_batches
 
 
 def dynamic_model(seed=0, drop_policy="merge", **kw):
     cfg = SparseConfig(method="gradient", density=0.05, schedule="dynamic", seed=seed,
                        dynamic=DynamicOptions(update_every=3, score_window=2, drop_policy=drop_policy))
-    return get_sparse_model(tiny_bert(seed), dataclasses.replace(cfg, **kw), calibration_data=toy_batches(2, 8, seed=99))
+    return get_sparse_model(tiny_bert_classifier(seed, **NO_DROPOUT), dataclasses.replace(cfg, **kw),
+                            calibration_data=toy_batches(2, 8, seed=99))
 
 
 def logits(model, batch):
@@ -116,7 +118,7 @@ def test_dynamic_adapter_reloads_to_identical_logits_and_merges(tmp_path):
     batch = toy_batches(1, 8, seed=7)[0]
     expected = logits(model, batch)
     model.save_pretrained(tmp_path / "a")
-    loaded = SparseModel.from_pretrained(tiny_bert(0), tmp_path / "a")
+    loaded = SparseModel.from_pretrained(tiny_bert_classifier(0, **NO_DROPOUT), tmp_path / "a")
     assert loaded.num_folded_params() == model.num_folded_params()
     assert torch.equal(logits(loaded, batch), expected)
     merged = loaded.merge_and_unload()
@@ -124,7 +126,7 @@ def test_dynamic_adapter_reloads_to_identical_logits_and_merges(tmp_path):
 
 
 def test_unload_restores_the_pristine_base_after_folds():
-    pristine = tiny_bert(0)
+    pristine = tiny_bert_classifier(0, **NO_DROPOUT)
     model = trained_dynamic()
     assert model.num_folded_params() > 0
     base = model.unload()
@@ -166,12 +168,12 @@ def test_adapter_with_broken_fold_record_is_refused(tmp_path):
     meta["weights_sha256"] = file_sha256(path)  # consistent files: the structural check must catch it
     (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(sparseft.AdapterError, match="folded"):
-        SparseModel.from_pretrained(tiny_bert(0), tmp_path / "a")
+        SparseModel.from_pretrained(tiny_bert_classifier(0, **NO_DROPOUT), tmp_path / "a")
 
 
 @pytest.mark.parametrize("method", ["random", "synflow"])
 def test_data_free_scorers_rescore_without_a_window(method):
-    model = get_sparse_model(tiny_bert(0), SparseConfig(method=method, density=0.05, schedule="dynamic",
+    model = get_sparse_model(tiny_bert_classifier(0, **NO_DROPOUT), SparseConfig(method=method, density=0.05, schedule="dynamic",
                                                          dynamic=DynamicOptions(update_every=2, score_window=1)))
     train(model, toy_batches(4, 8), TrainingArguments(lr=1e-2, max_steps=4, progress=False))
     assert model.method.updates == 2

@@ -5,12 +5,11 @@ import pytest
 import torch
 
 import sparseft
-from conftest import RowsDataset, rows_of, tiny_bert_classifier
+from conftest import NO_DROPOUT, RowsDataset, rows_of, tiny_bert_classifier
 from conftest import toy_batches as shared_toy_batches
 from sparseft.callback import SparseCallback
 from sparseft.train import TrainingArguments, create_optimizer, linear_schedule, train
 
-NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 def toy_batches(n_batches, batch_size, seed=0):
     return shared_toy_batches(n_batches, batch_size, seed, seq_len=12)
