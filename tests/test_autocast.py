@@ -79,6 +79,7 @@ def test_float_base_layer_under_bf16_autocast_matches_a_dense_reference(kind, ba
     _close(base.bias.grad, ref_gb)
     assert torch.equal(base.weight, w0) and base.weight.dtype == torch.float32  # W restored, still float32
 
+
 def lm_batch(seed, batch=2, seq=12):
     ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -173,8 +173,9 @@ def test_adapter_with_broken_fold_record_is_refused(tmp_path):
 
 @pytest.mark.parametrize("method", ["random", "synflow"])
 def test_data_free_scorers_rescore_without_a_window(method):
-    model = get_sparse_model(tiny_bert_classifier(0, **NO_DROPOUT), SparseConfig(method=method, density=0.05, schedule="dynamic",
-                                                         dynamic=DynamicOptions(update_every=2, score_window=1)))
+    config = SparseConfig(method=method, density=0.05, schedule="dynamic",
+                          dynamic=DynamicOptions(update_every=2, score_window=1))
+    model = get_sparse_model(tiny_bert_classifier(0, **NO_DROPOUT), config)
     train(model, toy_batches(4, 8), TrainingArguments(lr=1e-2, max_steps=4, progress=False))
     assert model.method.updates == 2
     assert model.num_sparse_params() == round(0.05 * model.num_targeted_weights())

@@ -10,6 +10,7 @@ from sparseft import lr_rule
 from sparseft.lr_rule import REF_DENSITY, RULES, default_lr, rule_lr
 from sparseft.train import TrainingArguments, create_optimizer, train
 
+
 @pytest.mark.parametrize("method,family", [("random", "data-free"), ("gradient", "gradient"), ("id3", "gradient"),
                                            ("dst", "gradient"), ("grow-drop", "data-free")])
 def test_rule_at_the_reference_density_is_the_fitted_rate(method, family):

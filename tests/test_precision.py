@@ -13,6 +13,8 @@ from conftest import tiny_bert_classifier, tiny_llama, toy_batches
 from sparseft.train import SparseController, TrainingArguments, enable_gradient_checkpointing, train
 
 VOCAB = 64
+
+
 def lm_batches(n, batch=4, seq=12, seed=0):
     """A learnable sequence task: each sequence counts up from a random start (mod VOCAB)."""
     gen = torch.Generator().manual_seed(seed)

@@ -153,6 +153,7 @@ def test_merge_swaps_in_the_exact_float_weight_and_unmerge_restores_the_quantize
     assert layer.base_layer is base
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
 
+
 def lm_batches(n, batch=2, seq=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
