@@ -1,13 +1,17 @@
 """Fit the default-rate rule (src/sparseft/lr_rule.py) to learning-rate sweeps.
 
 For each task, method and budget in the results.jsonl files, the rate with the best
-validation score is taken (test scores are not used; seeds are averaged), then log(lr) =
+validation score is taken (test scores are not used; seeds are averaged unless --seed
+picks one; rates that tie count as their geometric mean), then log(lr) =
 log(LR_AT_REF) - EXPONENT * log(density / REF_DENSITY) is fitted by least squares over the
 budgets and tasks. --pool fits all the given methods as one family. Prints the table and the fit.
 
     python bench/fit_lr_rule.py docs/results/rt-sentiment-lr/results.jsonl --methods random gradient
     python bench/fit_lr_rule.py docs/results/bbc-topic-heldout/results.jsonl \
         docs/results/rtgen-long/results.jsonl --methods random grow-drop --pool
+    python bench/fit_lr_rule.py docs/results/rt-sentiment-lr/results.jsonl \
+        docs/results/bbc-topic-heldout/results.jsonl docs/results/bbc-dynamic/results.jsonl \
+        docs/results/bbclm-heldout/results.jsonl --methods gradient id3 dst --pool --seed 0
 """
 from __future__ import annotations
 
@@ -20,17 +24,21 @@ from sparseft.app.plot import read_results
 from sparseft.lr_rule import REF_DENSITY
 
 
-def best_rates(rows, methods):
+def best_rates(rows, methods, seed=None):
     """{method: [(task, density, best lr, its validation score, lrs tried)]}, by task and budget."""
-    by = defaultdict(lambda: defaultdict(list))
+    by = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        if row["method"] in methods:
-            by[(row["method"], row["task"], row["density"])][round(row["lr"], 12)].append(row)
+        if row["method"] in methods and (seed is None or row["seed"] == seed):
+            # the same run may be listed in two files: count it once
+            by[(row["method"], row["task"], row["density"])][round(row["lr"], 12)][(row["seed"], row["run"])] = row
     out = defaultdict(list)
     for (method, task, density), by_lr in sorted(by.items()):
-        sign = 1 if by_lr[next(iter(by_lr))][0].get("higher_is_better", True) else -1
-        lr, runs = max(by_lr.items(), key=lambda kv: sign * statistics.fmean(r["validation_score"] for r in kv[1]))
-        out[method].append((task, density, lr, statistics.fmean(r["validation_score"] for r in runs), sorted(by_lr)))
+        sign = 1 if next(iter(next(iter(by_lr.values())).values())).get("higher_is_better", True) else -1
+        score = {lr: statistics.fmean(r["validation_score"] for r in runs.values()) for lr, runs in by_lr.items()}
+        best = max(sign * s for s in score.values())
+        tied = [lr for lr, s in score.items() if sign * s == best]
+        lr = math.exp(statistics.fmean(math.log(x) for x in tied))
+        out[method].append((task, density, lr, sign * best, sorted(by_lr)))
     return out
 
 
@@ -50,14 +58,15 @@ def main() -> None:
     parser.add_argument("results", nargs="+")
     parser.add_argument("--methods", nargs="+", default=["random", "gradient"])
     parser.add_argument("--pool", action="store_true", help="fit the given methods together, as one family")
+    parser.add_argument("--seed", type=int, help="use only this seed's runs")
     args = parser.parse_args()
     rows = [row for path in args.results for row in read_results(path)]
-    by_method = best_rates(rows, args.methods)
+    by_method = best_rates(rows, args.methods, args.seed)
     groups = {" + ".join(by_method): [p for points in by_method.values() for p in points]} if args.pool else by_method
     for name, points in groups.items():
         print(f"{name}:")
         for task, density, lr, val, tried in points:
-            edge = " (at an end of the range)" if lr in (tried[0], tried[-1]) else ""
+            edge = " (at an end of the range)" if min(abs(math.log(lr / t)) for t in (tried[0], tried[-1])) < 1e-9 else ""
             print(f"  {task} density {density:.5f}: best lr {lr:g} (validation {val:.4f}; "
                   f"tried {', '.join(f'{x:g}' for x in tried)}){edge}")
         at_ref, exponent = fit(points)

@@ -22,9 +22,9 @@ def test_rule_values_at_the_measured_budgets():
     targeted = 10_764_288
     for entries, expected in ((42_240, 1.768e-2), (168_960, 6.25e-3), (675_840, 2.210e-3)):
         assert rule_lr("random", entries / targeted) == pytest.approx(expected, rel=1e-3)
-    # gradient masks: one rate at every budget (their best rates did not move with it)
-    for entries in (42_240, 168_960, 675_840):
-        assert rule_lr("gradient", entries / targeted) == pytest.approx(2e-3)
+    # gradient masks: four times the budget, half the rate
+    for entries, expected in ((42_240, 4e-3), (168_960, 2e-3), (675_840, 1e-3)):
+        assert rule_lr("gradient", entries / targeted) == pytest.approx(expected, rel=1e-3)
 
 
 def test_rule_follows_the_power_law_and_is_clipped(monkeypatch):
