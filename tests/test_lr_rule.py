@@ -28,15 +28,28 @@ def test_rule_values_at_the_measured_budgets():
 
 
 def test_rule_follows_the_power_law_and_is_clipped(monkeypatch):
-    at_ref, exponent = RULES["data-free"]
+    at_ref, exponent, _ = RULES["data-free"]
     # 4x the budget (e.g. LoRA rank 4 -> 16): the rate shrinks by 4 ** exponent
     assert rule_lr("random", 4 * REF_DENSITY) == pytest.approx(at_ref * 4.0 ** -exponent)
     rates = [rule_lr("random", d) for d in (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)]
     assert rates == sorted(rates, reverse=True)
-    monkeypatch.setitem(RULES, "data-free", (1e-2, 2.0))
+    monkeypatch.setitem(RULES, "data-free", (1e-2, 2.0, 0.0))
     assert rule_lr("random", REF_DENSITY / 2) == pytest.approx(4e-2)
     assert rule_lr("random", REF_DENSITY * 1e-3) == lr_rule.LR_MAX
     assert rule_lr("random", 1.0) == lr_rule.LR_MIN
+
+
+def test_a_model_larger_than_the_reference_gets_a_smaller_gradient_family_rate(monkeypatch):
+    at_ref, _, size_exponent = RULES["gradient"]
+    assert size_exponent > 0
+    ten_times = 10 * lr_rule.REF_TARGETED
+    assert rule_lr("gradient", REF_DENSITY, ten_times) == pytest.approx(at_ref * 10.0 ** -size_exponent)
+    assert rule_lr("gradient", REF_DENSITY, lr_rule.REF_TARGETED // 100) == pytest.approx(at_ref)  # not measured below
+    assert rule_lr("random", REF_DENSITY, ten_times) == pytest.approx(RULES["data-free"][0])  # no size term
+    monkeypatch.setitem(RULES, "gradient", (1e-3, 0.0, 1.0))
+    assert rule_lr("gradient", 0.01, 2 * lr_rule.REF_TARGETED) == pytest.approx(5e-4)
+    with pytest.raises(sparseft.ConfigError, match="targeted weights"):
+        rule_lr("gradient", 0.01, 0)
 
 
 def test_the_rule_refuses_what_it_does_not_cover():
@@ -48,12 +61,17 @@ def test_the_rule_refuses_what_it_does_not_cover():
         TrainingArguments(lr="fast")
 
 
-def test_a_budget_in_entries_or_lora_rank_is_turned_into_its_density():
+def test_a_budget_in_entries_or_lora_rank_is_turned_into_its_density(monkeypatch):
     config = sparseft.SparseConfig(method="random", match_lora_rank=2)
     model = sparseft.get_sparse_model(tiny_bert_classifier(), config)
     shapes = model.target_shapes()
     density = sum(2 * (o + i) for o, i in shapes.values()) / sum(o * i for o, i in shapes.values())
     assert default_lr(config, model) == pytest.approx(rule_lr("random", density))
+    monkeypatch.setattr(lr_rule, "REF_TARGETED", 1)  # the tiny model now counts as larger than the reference
+    gradient = sparseft.SparseConfig(method="gradient", match_lora_rank=2)
+    targeted = sum(o * i for o, i in shapes.values())
+    assert default_lr(gradient, model) == pytest.approx(rule_lr("gradient", density, targeted))
+    assert default_lr(gradient, model) < rule_lr("gradient", density, 1)
     assert default_lr(sparseft.SparseConfig(method="gradient", density=0.05)) == pytest.approx(rule_lr("gradient", 0.05))
     assert sparseft.default_lr is default_lr
 
