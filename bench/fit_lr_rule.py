@@ -26,9 +26,9 @@ import math
 import statistics
 from collections import defaultdict
 
-from sparseft.app.plot import read_results
 import numpy as np
 
+from sparseft.app.plot import read_results
 from sparseft.lr_rule import REF_DENSITY, REF_TARGETED
 
 
@@ -38,11 +38,12 @@ def best_rates(rows, methods, seed=None):
     for row in rows:
         if row["method"] in methods and (seed is None or row["seed"] == seed):
             # the same run may be listed in two files: count it once
-            key = (row["method"], row["task"], row["density"], row["targeted_weights"])
+            key = (row["method"], row["task"], row["density"], row["targeted_weights"],
+                   row.get("higher_is_better", True))
             by[key][round(row["lr"], 12)][(row["seed"], row["run"])] = row
     out = defaultdict(list)
-    for (method, task, density, targeted), by_lr in sorted(by.items()):
-        sign = 1 if next(iter(next(iter(by_lr.values())).values())).get("higher_is_better", True) else -1
+    for (method, task, density, targeted, higher_is_better), by_lr in sorted(by.items()):
+        sign = 1 if higher_is_better else -1
         score = {lr: statistics.fmean(r["validation_score"] for r in runs.values()) for lr, runs in by_lr.items()}
         best = max(sign * s for s in score.values())
         tied = [lr for lr, s in score.items() if sign * s == best]
@@ -78,8 +79,7 @@ def main() -> None:
     for name, points in groups.items():
         print(f"{name}:")
         for task, density, lr, val, tried, _ in points:
-            at_end = min(abs(math.log(lr / t)) for t in (tried[0], tried[-1])) < 1e-9
-            edge = " (at an end of the range)" if at_end else ""
+            edge = " (at an end of the range)" if any(math.isclose(lr, t) for t in (tried[0], tried[-1])) else ""
             print(f"  {task} density {density:.5f}: best lr {lr:g} (validation {val:.4f}; "
                   f"tried {', '.join(f'{x:g}' for x in tried)}){edge}")
         at_ref, exponent, size_exponent = fit(points, args.size)

@@ -47,20 +47,21 @@ FAMILY = {name: spec.lr_family for name, spec in registry.METHODS.items()}
 LR_MIN, LR_MAX = 1e-4, 5e-2
 
 
-def rule_lr(method: str, density: float, targeted: int = REF_TARGETED) -> float:
+def rule_lr(method: str, density: float, targeted: int | None = None) -> float:
     """The rule's rate for ``method`` training ``density`` of its ``targeted`` weights.
 
-    A model smaller than the reference gets the reference's rate: the rule was not
-    measured below it.
+    Without ``targeted``, and for a model smaller than the reference, the model is taken
+    as the reference's size: the rule was not measured below it.
     """
     if method not in FAMILY:
         raise ConfigError(f"no default learning rate for method={method!r}; give one (--lr)")
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
-    if targeted < 1:
+    if targeted is not None and targeted < 1:
         raise ConfigError(f"targeted weights must be at least 1, got {targeted!r}")
     at_ref, exponent, size_exponent = RULES[FAMILY[method]]
-    rate = at_ref * (density / REF_DENSITY) ** -exponent * max(1.0, targeted / REF_TARGETED) ** -size_exponent
+    larger = 1.0 if targeted is None else max(1.0, targeted / REF_TARGETED)
+    rate = at_ref * (density / REF_DENSITY) ** -exponent * larger ** -size_exponent
     return float(min(LR_MAX, max(LR_MIN, rate)))
 
 
