@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grow-drop: fraction swapped at the start, decaying (cosine) to 0")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float,
-                   help="learning rate of the sparse values (default: a rule by method and budget, larger for smaller "
-                        "budgets, see docs/defaults.md; baselines: lora 5e-4, full 5e-5, shira and supertuning 5e-3)")
+                   help="learning rate of the sparse values (default: a rule by method, budget and model size, larger "
+                        "for smaller budgets, see docs/defaults.md; baselines: lora 5e-4, full 5e-5, shira and "
+                        "supertuning 5e-3)")
     o.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: 2e-3)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the sparse values")
     o.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
