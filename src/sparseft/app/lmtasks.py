@@ -6,6 +6,9 @@
 - ``rt-gen``: Rotten Tomatoes snippets as an instruction ("... Answer with positive or
   negative."); the model must generate the word. Metric: exact match of the greedy
   continuation (case and surrounding punctuation ignored).
+- ``bbc-gen``: the opening of a BBC News article with the question which of the five
+  sections it comes from; the model must generate the section's name. Exact match, as
+  ``rt-gen``.
 - your own prompt/target pairs: ``--train-file/--eval-file`` with
   ``--prompt-column/--target-column`` (CSV, TSV or JSONL).
 
@@ -58,8 +61,22 @@ RT_PROMPT = "Review: {text}\nIs this movie review positive or negative? Answer w
 RT_TARGETS = ("negative", "positive")  # label 0 = rotten, 1 = fresh
 
 
+BBC_PROMPT = ("Article: {text}\nWhich section of BBC News is this article from: {sections}? "
+              "Answer with one word.")
+# The article's first characters only: with the chat template the whole prompt then fits in
+# 128 tokens, so that no cut falls inside the question.
+BBC_PROMPT_CHARS = 200
+
+
 def _bbc_pair(e: data.Example) -> Pair:
     return Pair("", e.text, e.group)
+
+
+def _bbc_topic_pair(e: data.Example) -> Pair:
+    sections = data.bbc_news_classes()
+    text = " ".join(e.text.split())[:BBC_PROMPT_CHARS].rstrip()
+    return Pair(BBC_PROMPT.format(text=text, sections=", ".join(sections[:-1]) + " or " + sections[-1]),
+                sections[e.label], e.group)
 
 
 def _rt_pair(e: data.Example) -> Pair:
@@ -70,6 +87,8 @@ def _rt_pair(e: data.Example) -> Pair:
 LM_TASKS = {
     "bbc-lm": ("lm", "perplexity", data.load_bbc_news, _bbc_pair,
                "BBC News articles, causal LM, held-out perplexity"),
+    "bbc-gen": ("generation", "exact_match", data.load_bbc_news, _bbc_topic_pair,
+                "BBC News article openings; greedy answer (the section), exact match"),
     "rt-gen": ("generation", "exact_match", data.load_rotten_tomatoes, _rt_pair,
                "Rotten Tomatoes snippets as an instruction; greedy answer, exact match"),
 }
