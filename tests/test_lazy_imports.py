@@ -13,8 +13,8 @@ import sparseft
 SRC = str(Path(sparseft.__file__).resolve().parent.parent)
 
 
-def _python(code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+def _python(code: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), **env_vars)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -34,6 +34,6 @@ def test_the_callback_and_trainer_load_on_first_use_and_quietly():
                   "assert issubclass(sparseft.SparseCallback, TrainerCallback)\n"
                   "sparseft.SparseTrainer\n"
                   "from sparseft.app.baselines import _peft\n"
-                  "_peft()\n")
+                  "_peft()\n", HF_HUB_OFFLINE="1")  # as every CLI run sets it
     assert out.returncode == 0, out.stderr
     assert "kernels-community" not in out.stderr

@@ -32,14 +32,17 @@ class QuantizationUnavailable(ImportError):
 def quiet_bitsandbytes_import() -> Iterator[None]:
     """Within the block, importing bitsandbytes (directly, or through peft, which imports it
     whenever it is installed) logs nothing below errors: on a CPU with AVX512-BF16 it warns
-    at import about an optional kernels package, which no run here needs."""
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    at import about an optional kernels package, which no run here needs, and that package,
+    when installed, warns in offline mode that it cannot check the kernels' publisher."""
+    logs = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def _bnb():
