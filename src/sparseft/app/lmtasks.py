@@ -17,6 +17,7 @@ does); the loss is taken on the target tokens (and the end-of-sequence token) on
 """
 from __future__ import annotations
 
+import functools
 import math
 import string
 from collections import Counter
@@ -72,8 +73,13 @@ def _bbc_pair(e: data.Example) -> Pair:
     return Pair("", e.text, e.group)
 
 
+@functools.lru_cache(maxsize=1)
+def _bbc_sections() -> tuple[str, ...]:
+    return tuple(data.bbc_news_classes())  # read once, not for every article
+
+
 def _bbc_topic_pair(e: data.Example) -> Pair:
-    sections = data.bbc_news_classes()
+    sections = _bbc_sections()
     text = " ".join(e.text.split())[:BBC_PROMPT_CHARS].rstrip()
     return Pair(BBC_PROMPT.format(text=text, sections=", ".join(sections[:-1]) + " or " + sections[-1]),
                 sections[e.label], e.group)
