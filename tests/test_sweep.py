@@ -79,6 +79,20 @@ def test_default_rate_is_compared_with_the_best_rate_tried_paired_by_seed():
     assert same["best_lr"] == 0.01 and same["diff_mean"] == 0
 
 
+def test_rate_table_bolds_one_best_rate_per_method_with_the_default_marked():
+    from sparseft.app.plot import rate_table
+
+    def row(lr, seed, val, given=None):
+        return {"task": "t", "method": "gradient", "budget": "r16", "lr": lr, "lr_given": given or lr, "seed": seed,
+                "score": val, "validation_score": val, "trainable_params": 10}
+    rows = [row(0.0004, 0, 0.95, "auto"), row(0.0009, 0, 0.97), row(0.0003, 0, 0.90)]
+    lines = [line for line in rate_table(rows).splitlines() if line.startswith("| t |")]
+    assert [line.split(" | ")[3] for line in lines] == ["0.0003", "0.0004 (default)", "**0.0009**"]
+    # when the default is the best on validation, it is the one in bold
+    lines = rate_table([row(0.0004, 0, 0.99, "auto"), row(0.0009, 0, 0.97)]).splitlines()
+    assert "| t | r16 | gradient | **0.0004** (default) | 1 | 0.9900 | 0.9900 |" in lines
+
+
 def test_best_rate_is_judged_on_the_seeds_every_rate_ran():
     from sparseft.app.plot import best_rate, summarize
 

@@ -7,7 +7,8 @@ validation score is used (test scores are never used to choose), and the table s
 Runs at the default rate (``lr_given`` "auto" in metrics.json) form their own series,
 "<method> (default lr)", so default and tuned runs show side by side. ``summary.md`` also
 pairs every series with LoRA at the same budget, seed by seed, and lists every rate tried
-per budget (mean over seeds), the chosen one in bold.
+per budget (mean over seeds), with the default marked and in bold the method's best on
+validation over all its rates, the default among them.
 """
 from __future__ import annotations
 
@@ -282,23 +283,31 @@ def default_table(compared: list[dict[str, Any]]) -> str:
 
 
 def rate_table(rows: list[dict[str, Any]]) -> str:
-    """Every (task, budget, series, rate): validation and test score, mean over its seeds."""
+    """Every (task, budget, method, rate): validation and test score, mean over its seeds.
+
+    The bold rate is the method's best on validation over every rate it ran at, the
+    default rate's runs included, as in the default-against-best table."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    by_method: dict[tuple, dict[Any, dict[Any, dict]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        groups[(str(row.get("task")), str(row.get("budget", "")), series(row), row.get("lr"))].append(row)
-    chosen = {(str(e["task"]), str(e["budget"]), e["method"]): e["lr"] for e in summarize(rows)}
-    lines = ["", "Every rate tried (mean over seeds; bold: chosen on validation):", "",
+        task, budget, name = str(row.get("task")), str(row.get("budget", "")), _method_and_variant(row)
+        groups[(task, budget, name, row.get("lr"), row.get("lr_given") == "auto")].append(row)
+        by_method[(task, budget, name)][row.get("lr")][row.get("seed")] = row
+    chosen = {key: best_rate(by_lr) for key, by_lr in by_method.items()}
+    lines = ["", "Every rate tried (mean over seeds; bold: chosen on validation, the default rate among them):", "",
              "| task | budget | method | lr | seeds | validation | test |", "|---|---|---|---|---|---|---|"]
 
     def order(key):
-        task, budget, name, lr = key
+        task, budget, name, lr, _ = key
         return task, *_budget_order(budget), name, lr if lr is not None else 0.0
     for key in sorted(groups, key=order):
-        task, budget, name, lr = key
+        task, budget, name, lr, default = key
         runs = groups[key]
         cell = "-" if lr is None else f"{lr:g}"
-        if chosen.get((task, budget, name)) == lr:
+        if chosen[(task, budget, name)] == lr:
             cell = f"**{cell}**"
+        if default:
+            cell += " (default)"
         val = statistics.fmean(r.get("validation_score", math.nan) for r in runs)
         test = statistics.fmean(r["score"] for r in runs)
         lines.append(f"| {task} | {budget} | {name} | {cell} | {len(runs)} | {val:.4f} | {test:.4f} |")
