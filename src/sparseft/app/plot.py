@@ -118,19 +118,30 @@ def paired_vs_lora(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def runs_by_rate(rows: list[dict[str, Any]]) -> dict[tuple, dict[Any, dict[Any, dict]]]:
+    """{(task, method with variant, budget): {rate: {seed: row}}}, the default rate's runs
+    in with the given ones: what ``best_rate`` chooses among for each method."""
+    out: dict[tuple, dict[Any, dict[Any, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        out[_method_key(row)][row.get("lr")][row.get("seed")] = row
+    return out
+
+
+def _method_key(row: dict[str, Any]) -> tuple:
+    return row.get("task"), _method_and_variant(row), row.get("budget", "")
+
+
 def default_vs_tuned(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each method's runs at the default rate against its best rate, per task and budget.
 
     The best rate is chosen on mean validation score over every rate the method ran at,
     the default rate's own runs included (so it can be the best); the two are compared
     on test score, paired by seed."""
-    by_group: dict[tuple, dict[Any, dict[Any, dict]]] = defaultdict(lambda: defaultdict(dict))
+    by_group = runs_by_rate(rows)
     defaults: dict[tuple, dict[Any, dict]] = defaultdict(dict)
     for row in rows:
-        key = (row.get("task"), _method_and_variant(row), row.get("budget", ""))
-        by_group[key][row.get("lr")][row.get("seed")] = row
         if row.get("lr_given") == "auto":
-            defaults[key][row.get("seed")] = row
+            defaults[_method_key(row)][row.get("seed")] = row
     out = []
     for key, default_runs in defaults.items():
         by_lr = by_group[key]
@@ -288,12 +299,11 @@ def rate_table(rows: list[dict[str, Any]]) -> str:
     The bold rate is the method's best on validation over every rate it ran at, the
     default rate's runs included, as in the default-against-best table."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    by_method: dict[tuple, dict[Any, dict[Any, dict]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         task, budget, name = str(row.get("task")), str(row.get("budget", "")), _method_and_variant(row)
         groups[(task, budget, name, row.get("lr"), row.get("lr_given") == "auto")].append(row)
-        by_method[(task, budget, name)][row.get("lr")][row.get("seed")] = row
-    chosen = {key: best_rate(by_lr) for key, by_lr in by_method.items()}
+    chosen = {(str(task), str(budget), name): best_rate(by_lr)
+              for (task, name, budget), by_lr in runs_by_rate(rows).items()}
     lines = ["", "Every rate tried (mean over seeds; bold: chosen on validation, the default rate among them):", "",
              "| task | budget | method | lr | seeds | validation | test |", "|---|---|---|---|---|---|---|"]
 
