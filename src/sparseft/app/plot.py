@@ -304,7 +304,8 @@ def rate_table(rows: list[dict[str, Any]]) -> str:
         groups[(task, budget, name, row.get("lr"), row.get("lr_given") == "auto")].append(row)
     chosen = {(str(task), str(budget), name): best_rate(by_lr)
               for (task, name, budget), by_lr in runs_by_rate(rows).items()}
-    lines = ["", "Every rate tried (mean over seeds; bold: chosen on validation, the default rate among them):", "",
+    lines = ["", "Every rate tried (mean over seeds; bold: chosen on validation over the seeds every rate ran, "
+             "the default rate among them):", "",
              "| task | budget | method | lr | seeds | validation | test |", "|---|---|---|---|---|---|---|"]
 
     def order(key):
