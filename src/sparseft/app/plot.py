@@ -300,22 +300,21 @@ def rate_table(rows: list[dict[str, Any]]) -> str:
     default rate's runs included, as in the default-against-best table."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        task, budget, name = str(row.get("task")), str(row.get("budget", "")), _method_and_variant(row)
-        groups[(task, budget, name, row.get("lr"), row.get("lr_given") == "auto")].append(row)
-    chosen = {(str(task), str(budget), name): best_rate(by_lr)
-              for (task, name, budget), by_lr in runs_by_rate(rows).items()}
+        groups[(_method_key(row), row.get("lr"), row.get("lr_given") == "auto")].append(row)
+    chosen = {key: best_rate(by_lr) for key, by_lr in runs_by_rate(rows).items()}
     lines = ["", "Every rate tried (mean over seeds; bold: chosen on validation over the seeds every rate ran, "
              "the default rate among them):", "",
              "| task | budget | method | lr | seeds | validation | test |", "|---|---|---|---|---|---|---|"]
 
     def order(key):
-        task, budget, name, lr, _ = key
-        return task, *_budget_order(budget), name, lr if lr is not None else 0.0
+        (task, name, budget), lr, _ = key
+        return str(task), *_budget_order(str(budget)), name, lr if lr is not None else 0.0
     for key in sorted(groups, key=order):
-        task, budget, name, lr, default = key
+        method, lr, default = key
+        task, name, budget = method
         runs = groups[key]
         cell = "-" if lr is None else f"{lr:g}"
-        if chosen[(task, budget, name)] == lr:
+        if chosen[method] == lr:
             cell = f"**{cell}**"
         if default:
             cell += " (default)"
