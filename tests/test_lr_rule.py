@@ -12,7 +12,7 @@ from sparseft.train import TrainingArguments, create_optimizer, train
 
 
 @pytest.mark.parametrize("method,family", [("random", "data-free"), ("gradient", "gradient"), ("id3", "gradient"),
-                                           ("dst", "gradient"), ("grow-drop", "data-free")])
+                                           ("dst", "gradient"), ("grow-drop", "grow-drop")])
 def test_rule_at_the_reference_density_is_the_fitted_rate(method, family):
     assert rule_lr(method, REF_DENSITY) == pytest.approx(RULES[family][0])
 
@@ -22,6 +22,9 @@ def test_rule_values_at_the_measured_budgets():
     targeted = 10_764_288
     for entries, expected in ((42_240, 1.768e-2), (168_960, 6.25e-3), (675_840, 2.210e-3)):
         assert rule_lr("random", entries / targeted) == pytest.approx(expected, rel=1e-3)
+    # grow-drop: a quarter of random masking's rate
+    for entries, expected in ((42_240, 4.419e-3), (168_960, 1.5625e-3), (675_840, 5.524e-4), (2_703_360, 1.953e-4)):
+        assert rule_lr("grow-drop", entries / targeted) == pytest.approx(expected, rel=1e-3)
     # gradient masks: four times the budget, half the rate
     for entries, expected in ((42_240, 4e-3), (168_960, 2e-3), (675_840, 1e-3)):
         assert rule_lr("gradient", entries / targeted) == pytest.approx(expected, rel=1e-3)

@@ -23,6 +23,7 @@ TRAINING_TIME = "training-time"
 # (lr_rule.py, docs/defaults.md); each method names its family here.
 DATA_FREE_FAMILY = "data-free"
 GRADIENT_FAMILY = "gradient"
+GROW_DROP_FAMILY = "grow-drop"
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     _training_time("dst", "dynamic subset tuning: a dense step, then keep the top density*|matrix| changes "
                    "per matrix (dense memory while training)", "dst:DST", gradient_based=True),
     _training_time("grow-drop", "SpIEL-style: periodically drop the smallest |values| and grow the largest "
-                   "accumulated |g|", "grow_drop:GrowDrop", gradient_based=True, lr_family=DATA_FREE_FAMILY,
+                   "accumulated |g|", "grow_drop:GrowDrop", gradient_based=True, lr_family=GROW_DROP_FAMILY,
                    options=("grow_drop.every", "grow_drop.fraction", "grow_drop.score_window")),
 )}
 
